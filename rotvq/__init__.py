@@ -1,0 +1,53 @@
+"""rotvq: gradient estimators for vector quantization, and the book that derives them.
+
+The estimators (forward value exactly ``q``, backward ``G^T g``):
+
+>>> import torch, rotvq
+>>> z = torch.randn(4, 8, requires_grad=True)
+>>> q = torch.randn(4, 8)
+>>> zq = rotvq.rotation_trick(z, q)
+>>> bool(torch.equal(zq, q))
+True
+
+See :mod:`rotvq.estimators` and :mod:`rotvq.operators`; the book (``book/``) derives
+each formula and checks it.
+"""
+from .estimators import (
+    SURROGATE_NAMES,
+    apply_estimator,
+    generalized_ste,
+    get_surrogate,
+    rotation_matrix,
+    rotation_trick,
+    ste,
+)
+from .operators import (
+    ClippedRotation,
+    Dense,
+    Householder,
+    Identity,
+    InterpolatedRotation,
+    JacobianSurrogate,
+    Rotation,
+    TangentRotation,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ste",
+    "generalized_ste",
+    "rotation_trick",
+    "rotation_matrix",
+    "get_surrogate",
+    "apply_estimator",
+    "SURROGATE_NAMES",
+    "JacobianSurrogate",
+    "Identity",
+    "Dense",
+    "Rotation",
+    "ClippedRotation",
+    "InterpolatedRotation",
+    "TangentRotation",
+    "Householder",
+]
