@@ -34,6 +34,16 @@ from .operators import (
 
 __version__ = "0.1.0"
 
+_LAZY_SUBMODULES = ("symbolic",)  # need optional dependencies (sympy): imported on first use
+
+
+def __getattr__(name):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'rotvq' has no attribute {name!r}")
+
 __all__ = [
     "ste",
     "generalized_ste",
