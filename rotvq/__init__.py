@@ -31,6 +31,12 @@ from .operators import (
     Rotation,
     TangentRotation,
 )
+from .kmeans import kmeans, kmeans_plusplus
+from .quantizer import INITS, VectorQuantizer, VQOutput
+from .search import DISTANCES, nearest_code
+from .datasets import LabeledData, load_cifar10, load_digits, load_mnist, load_patches
+from .models import ConvVQVAE, MLPVQVAE, VQVAEOutput
+from .training import History, TrainConfig, build_model, evaluate, train
 
 __version__ = "0.1.0"
 
@@ -60,4 +66,24 @@ __all__ = [
     "InterpolatedRotation",
     "TangentRotation",
     "Householder",
+    "VectorQuantizer",
+    "VQOutput",
+    "INITS",
+    "DISTANCES",
+    "nearest_code",
+    "kmeans",
+    "kmeans_plusplus",
+    "LabeledData",
+    "load_digits",
+    "load_patches",
+    "load_mnist",
+    "load_cifar10",
+    "MLPVQVAE",
+    "ConvVQVAE",
+    "VQVAEOutput",
+    "TrainConfig",
+    "History",
+    "build_model",
+    "train",
+    "evaluate",
 ]

@@ -1,0 +1,213 @@
+"""Exact nearest-code search with bounded memory.
+
+Vector quantisation (van den Oord et al. 2017, "Neural Discrete Representation
+Learning", arXiv 1711.00937, eq. 1-2) maps every encoder output ``z`` to the
+code ``e_k`` of a codebook that is nearest to it. A brute-force search builds an
+``N x K`` distance matrix, which for ``N = 10**6`` queries and ``K = 16384``
+codes is 64 GiB in float32. :func:`nearest_code` instead processes the queries
+in chunks of rows so that no ``N x K`` matrix beyond one chunk ever exists; the
+chunk size comes from a memory budget (:func:`chunk_size_for_budget`).
+
+Distances. For the Euclidean distance the squared distance is expanded as
+``|z - e|^2 = |z|^2 - 2 z.e + |e|^2``. The term ``|z|^2`` is the same for every
+code of one query, so it does not change the argmin and is left out: each chunk
+computes the score ``|e|^2 - 2 z.e`` with one ``torch.addmm``, after moving
+queries and codes by the codebook mean ``m`` (distances do not change). Both
+steps reduce rounding: no cancellation of a large ``|z|^2`` against ``2 z.e``,
+and errors scale with ``|z - m| |e - m|`` instead of ``|z| |e|`` (this matters
+for codes clustered far from the origin). For the
+cosine "distance" the search returns the argmax of the cosine similarity
+``z.e / (|z| |e|)``; ``|z|`` is constant per query, so the score is ``-z.e/|e|``
+(codes of norm zero get similarity 0; a query of norm zero has similarity 0
+with every code and gets index 0, as ``F.cosine_similarity(...).argmax()`` does).
+
+Exactness and ties. A matrix product rounds differently from the direct
+formula ``sum_i (z_i - e_i)^2`` (and BLAS may round two identical columns
+differently), so the search does three things to stay exact and consistent:
+
+1. exact duplicate codes are removed first, so a query at a duplicated code
+   always gets the duplicate's lowest index;
+2. the two best codes by the expanded score are compared again with the direct
+   formula (``sum_i (z_i - e_i)^2``, or ``-sum_i z_i e_i`` with unit codes for
+   cosine), computed row by row, so the result does not depend on the chunk size;
+3. an exact tie in the direct formula goes to the lower index.
+
+The result therefore agrees with a brute-force
+``torch.cdist(z, e).argmin(-1)`` (up to cdist's own summation order) unless
+three or more distinct codes lie within rounding error of the best distance
+(about ``D * eps * (|e|^2 + |z| |e|)``): then the code picked is one of those
+near-tied codes, not necessarily the lowest-indexed (for Euclidean search with
+``z`` and ``e`` replaced by ``z - m`` and ``e - m``). Tests compare at float64 or
+with well-separated data. Half-precision inputs are searched in float32.
+Cost: one ``addmm`` and one ``topk(2)`` per chunk (``topk`` adds about 15-20 %
+to the time of the product at K = 16384, D = 64 on CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["DISTANCES", "DEFAULT_MEMORY_BUDGET", "chunk_size_for_budget", "nearest_code"]
+
+DISTANCES = ("euclidean", "cosine")
+#: Default bytes allowed for one chunk's ``chunk x K`` score matrix (128 MiB).
+DEFAULT_MEMORY_BUDGET = 128 * 2**20
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """Promoted floating dtype of ``tensors``, at least float32."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def chunk_size_for_budget(num_codes: int, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                          element_size: int = 4) -> int:
+    """Number of query rows per chunk so that one score matrix fits the budget.
+
+    One chunk allocates a ``(chunk, num_codes)`` score matrix of ``element_size``
+    bytes per entry; the result is ``max(1, memory_budget // (num_codes *
+    element_size))``. At least one row is always processed, so a codebook whose
+    single row of scores exceeds the budget still works (with one row per chunk).
+
+    Args:
+        num_codes: K, the number of codes (>= 1).
+        memory_budget: bytes allowed for one score matrix (>= 1).
+        element_size: bytes per score (4 for float32, 8 for float64).
+
+    Returns:
+        The chunk size (rows), an int >= 1.
+    """
+    if num_codes < 1:
+        raise ValueError(f"num_codes must be >= 1, got {num_codes}")
+    if memory_budget < 1:
+        raise ValueError(f"memory_budget must be >= 1 byte, got {memory_budget}")
+    if element_size < 1:
+        raise ValueError(f"element_size must be >= 1, got {element_size}")
+    return max(1, int(memory_budget) // (int(num_codes) * int(element_size)))
+
+
+@torch.no_grad()
+def nearest_code(z: torch.Tensor, codebook: torch.Tensor, *, distance: str = "euclidean",
+                 chunk_size: int | None = None,
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET) -> torch.Tensor:
+    """Index of the nearest code for every query vector.
+
+    Runs under ``torch.no_grad``: the indices carry no gradient.
+
+    Args:
+        z: queries, shape ``(..., D)``, floating point.
+        codebook: codes, shape ``(K, D)``, floating point, same device as ``z``.
+        distance: ``"euclidean"`` (argmin of ``|z - e|``) or ``"cosine"``
+            (argmax of the cosine similarity).
+        chunk_size: query rows per chunk; ``None`` derives it from
+            ``memory_budget`` with :func:`chunk_size_for_budget`.
+        memory_budget: bytes allowed for one chunk's ``(chunk, K)`` score matrix
+            when ``chunk_size`` is ``None`` (default 128 MiB).
+
+    Returns:
+        int64 tensor of shape ``z.shape[:-1]`` with values in ``[0, K)``.
+
+    Raises:
+        TypeError: non-floating ``z`` or ``codebook``.
+        ValueError: bad shapes, unknown ``distance``, ``chunk_size < 1``, or a
+            codebook with no codes.
+    """
+    if not (torch.is_floating_point(z) and torch.is_floating_point(codebook)):
+        raise TypeError(f"z and codebook must be floating point, got {z.dtype} and {codebook.dtype}")
+    if codebook.dim() != 2:
+        raise ValueError(f"codebook must have shape (K, D), got {tuple(codebook.shape)}")
+    if z.dim() < 1 or z.shape[-1] != codebook.shape[1]:
+        raise ValueError(f"last dimension of z {tuple(z.shape)} must equal the code dimension "
+                         f"{codebook.shape[1]}")
+    if codebook.shape[0] < 1:
+        raise ValueError("codebook must contain at least one code")
+    if distance not in DISTANCES:
+        raise ValueError(f"unknown distance {distance!r}; valid: {', '.join(DISTANCES)}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+    lead, dim, num_codes = z.shape[:-1], z.shape[-1], codebook.shape[0]
+    flat = z.reshape(-1, dim)
+    n = flat.shape[0]
+    out = torch.empty(n, dtype=torch.long, device=z.device)
+    if n == 0:
+        return out.reshape(lead)
+    dtype = _compute_dtype(z, codebook)
+    if chunk_size is None:
+        chunk_size = chunk_size_for_budget(num_codes, memory_budget, torch.finfo(dtype).bits // 8)
+
+    codes = codebook.to(dtype)  # (K, D)
+    if distance == "cosine":
+        norms = codes.norm(dim=1, keepdim=True)  # (K, 1)
+        # codes of norm zero stay zero: similarity 0, no division by zero
+        codes = codes / torch.where(norms > 0, norms, torch.ones_like(norms))
+    keep = _first_occurrences(codes)  # (U,) sorted indices of the distinct codes
+    if keep is not None:
+        codes = codes[keep]
+    if distance == "euclidean":
+        # translate queries and codes by the codebook mean: distances are unchanged, and the
+        # rounding error of the expanded score shrinks from ~eps |z| |e| to ~eps |z - m| |e - m|
+        center = codes.mean(0)  # (D,)
+        shifted = codes - center  # (U, D)
+        bias = shifted.pow(2).sum(1)  # (U,)  |e - m|^2
+        alpha = -2.0
+    else:
+        center, shifted = None, codes
+        bias = torch.zeros(codes.shape[0], dtype=dtype, device=z.device)
+        alpha = -1.0  # minimise -cos, i.e. maximise cos
+    weight_t = shifted.t()  # (D, U)
+    for start in range(0, n, chunk_size):
+        block = flat[start:start + chunk_size].to(dtype)  # (C, D)
+        query = block if center is None else block - center
+        scores = torch.addmm(bias, query, weight_t, alpha=alpha)  # (C, U): the only C x K matrix
+        if codes.shape[0] == 1:
+            best = torch.zeros(block.shape[0], dtype=torch.long, device=z.device)
+        else:
+            cand = scores.topk(2, dim=1, largest=False).indices  # (C, 2)
+            best = _refine(block, codes, cand, distance)  # (C,)
+            if distance == "cosine":  # zero query: every similarity is 0, index 0
+                best = torch.where(block.abs().amax(1) > 0, best, torch.zeros_like(best))
+        del scores
+        out[start:start + block.shape[0]] = best if keep is None else keep[best]
+    return out.reshape(lead)
+
+
+def _first_occurrences(codes: torch.Tensor) -> torch.Tensor | None:
+    """Sorted indices of the first occurrence of each distinct row; ``None`` if all differ.
+
+    Removing exact duplicates before the search makes a query at a duplicated
+    code resolve to its lowest index whatever rounding the matrix product does.
+    """
+    num = codes.shape[0]
+    unique, inverse = torch.unique(codes, dim=0, return_inverse=True)
+    if unique.shape[0] == num:
+        return None
+    order = torch.arange(num, device=codes.device)
+    first = torch.full((unique.shape[0],), num, dtype=torch.long, device=codes.device)
+    first.scatter_reduce_(0, inverse, order, reduce="amin")
+    return first.sort().values
+
+
+def _refine(block: torch.Tensor, codes: torch.Tensor, cand: torch.Tensor, distance: str) -> torch.Tensor:
+    """Choose between the two best candidates by the direct formula, ties to the lower index.
+
+    Args:
+        block: queries ``(C, D)``; codes: ``(U, D)`` (unit rows for cosine);
+        cand: ``(C, 2)`` candidate indices from the expanded score.
+
+    Returns:
+        ``(C,)`` chosen indices. The direct distance ``sum_i (z_i - e_i)^2`` (or
+        ``-sum_i z_i e_i`` for cosine) is computed row by row, so the choice does not
+        depend on the chunk size.
+    """
+    c0, c1 = cand[:, 0], cand[:, 1]
+    if distance == "euclidean":
+        d0 = (block - codes[c0]).pow(2).sum(1)
+        d1 = (block - codes[c1]).pow(2).sum(1)
+    else:
+        d0 = -(block * codes[c0]).sum(1)
+        d1 = -(block * codes[c1]).sum(1)
+    take1 = (d1 < d0) | ((d1 == d0) & (c1 < c0))
+    return torch.where(take1, c1, c0)

@@ -1,0 +1,215 @@
+"""Tests of rotvq.search: exact nearest-code search with bounded memory."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rotvq.search import DEFAULT_MEMORY_BUDGET, chunk_size_for_budget, nearest_code
+import rotvq.search as search_module
+
+
+def brute_euclidean(z, e):
+    # independent formula: explicit differences, no |z|^2 - 2 z.e + |e|^2 expansion
+    return torch.cdist(z, e, compute_mode="donot_use_mm_for_euclid_dist").argmin(dim=1)
+
+
+def brute_cosine(z, e):
+    return F.cosine_similarity(z[:, None, :], e[None, :, :], dim=-1).argmax(dim=1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(0, 70), k=st.integers(1, 25),
+       d=st.integers(1, 6), chunk=st.integers(1, 80), distance=st.sampled_from(["euclidean", "cosine"]))
+def test_matches_brute_force_float64(seed, n, k, d, chunk, distance):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, d, generator=g, dtype=torch.float64)
+    e = torch.randn(k, d, generator=g, dtype=torch.float64)
+    got = nearest_code(z, e, distance=distance, chunk_size=chunk)
+    brute = brute_euclidean if distance == "euclidean" else brute_cosine
+    assert got.dtype == torch.int64 and got.shape == (n,)
+    if n:
+        assert torch.equal(got, brute(z, e))
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000, None])
+def test_chunk_sizes_agree_float32_well_separated(chunk):
+    g = torch.Generator().manual_seed(0)
+    centers = 10.0 * torch.randn(50, 16, generator=g)
+    labels = torch.randint(0, 50, (300,), generator=g)
+    z = centers[labels] + 0.01 * torch.randn(300, 16, generator=g)
+    assert torch.equal(nearest_code(z, centers, chunk_size=chunk), labels)
+
+
+def test_leading_shape_and_empty():
+    e = torch.randn(5, 3, dtype=torch.float64)
+    z = torch.randn(2, 4, 3, dtype=torch.float64)
+    idx = nearest_code(z, e)
+    assert idx.shape == (2, 4)
+    assert torch.equal(idx.reshape(-1), brute_euclidean(z.reshape(-1, 3), e))
+    assert nearest_code(torch.randn(0, 7, 3), e.float()).shape == (0, 7)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 100])
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+def test_exact_ties_go_to_lowest_index(chunk, distance):
+    e = torch.randn(10, 4, generator=torch.Generator().manual_seed(1))
+    e[7] = e[3]  # duplicate code: queries at it are tied between 3 and 7
+    e[9] = e[3]
+    z = e[[3, 3, 7, 9]] + 0.0
+    assert nearest_code(z, e, chunk_size=chunk, distance=distance).tolist() == [3, 3, 3, 3]
+    # equidistant from +u and -u (z = 0 in euclidean; z orthogonal to both in cosine)
+    u = torch.tensor([[0.0, 1.0], [0.0, -1.0], [0.0, 1.0]])
+    assert nearest_code(torch.tensor([[0.0, 0.0], [1.0, 0.0]]), u, chunk_size=chunk,
+                        distance=distance).tolist() == [0, 0]
+
+
+def test_cosine_zero_vectors_no_nan_and_scale_invariance():
+    e = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 5.0]])
+    z = torch.tensor([[0.0, 0.0], [3.0, 0.1], [0.1, 0.2], [-1.0, -1.0]])
+    assert nearest_code(z, e, distance="cosine").tolist() == [0, 1, 2, 0]
+    # cosine is invariant to the scale of codes; euclidean is not
+    e2 = torch.tensor([[1.0, 0.0], [0.0, 100.0]])
+    z2 = torch.tensor([[1.0, 1.1]])
+    assert nearest_code(z2, e2, distance="cosine").item() == 1
+    assert nearest_code(z2, e2, distance="euclidean").item() == 0
+
+
+def test_low_precision_inputs():
+    g = torch.Generator().manual_seed(2)
+    centers = 4.0 * torch.randn(20, 8, generator=g)
+    labels = torch.randint(0, 20, (100,), generator=g)
+    z = centers[labels] + 0.01 * torch.randn(100, 8, generator=g)
+    for dtype in (torch.float16, torch.bfloat16):
+        assert torch.equal(nearest_code(z.to(dtype), centers), labels)
+        assert torch.equal(nearest_code(z.to(dtype), centers.to(dtype)), labels)
+
+
+def test_no_gradient():
+    z = torch.randn(5, 3, requires_grad=True)
+    e = torch.randn(4, 3, requires_grad=True)
+    idx = nearest_code(z, e)
+    assert not idx.requires_grad and idx.grad_fn is None
+
+
+@pytest.mark.parametrize("args,kwargs,exc", [
+    ((torch.randn(4, 3), torch.randn(5, 2)), {}, ValueError),
+    ((torch.randn(4, 3), torch.randn(5, 3, 1)), {}, ValueError),
+    ((torch.randn(4, 3), torch.randn(0, 3)), {}, ValueError),
+    ((torch.randn(4, 3), torch.randn(5, 3)), {"distance": "manhattan"}, ValueError),
+    ((torch.randn(4, 3), torch.randn(5, 3)), {"chunk_size": 0}, ValueError),
+    ((torch.ones(4, 3, dtype=torch.int64), torch.randn(5, 3)), {}, TypeError),
+    ((torch.randn(4, 3), torch.ones(5, 3, dtype=torch.int32)), {}, TypeError),
+])
+def test_bad_inputs(args, kwargs, exc):
+    with pytest.raises(exc):
+        nearest_code(*args, **kwargs)
+
+
+def test_chunk_size_for_budget_arithmetic():
+    assert chunk_size_for_budget(16384, 128 * 2**20, 4) == 2048
+    assert chunk_size_for_budget(16384, 128 * 2**20, 8) == 1024
+    assert chunk_size_for_budget(10**9, 1024, 4) == 1  # at least one row
+    assert chunk_size_for_budget(3, 12, 4) == 1 and chunk_size_for_budget(3, 24, 4) == 2
+    assert DEFAULT_MEMORY_BUDGET == 128 * 2**20
+    for bad in [(0, 10, 4), (5, 0, 4), (5, 10, 0)]:
+        with pytest.raises(ValueError):
+            chunk_size_for_budget(*bad)
+
+
+@pytest.mark.parametrize("dtype,budget", [(torch.float32, 4096), (torch.float64, 10_000),
+                                          (torch.float16, 3000)])
+def test_score_matrices_stay_within_budget(monkeypatch, dtype, budget):
+    """Every score matrix the search allocates fits the budget (spy on torch.addmm)."""
+    sizes = []
+    real_addmm = torch.addmm
+
+    def spy(*args, **kwargs):
+        out = real_addmm(*args, **kwargs)
+        sizes.append((out.shape, out.numel() * out.element_size()))
+        return out
+
+    monkeypatch.setattr(search_module.torch, "addmm", spy)
+    z = torch.randn(1000, 6).to(dtype)
+    e = torch.randn(37, 6).to(dtype)
+    idx = nearest_code(z, e, memory_budget=budget)
+    monkeypatch.undo()
+    assert torch.equal(idx, nearest_code(z, e, chunk_size=1000))
+    assert sizes and max(b for _, b in sizes) <= budget
+    assert sum(s[0] for s, _ in sizes) == 1000 and all(s[1] == 37 for s, _ in sizes)
+    assert len(sizes) == -(-1000 // chunk_size_for_budget(37, budget, 8 if dtype == torch.float64 else 4))
+
+
+def test_peak_rss_bounded_subprocess():
+    """A search whose full score matrix would be ~800 MB stays far below it in max RSS."""
+    code = textwrap.dedent("""
+        import resource, torch
+        from rotvq.search import nearest_code
+        torch.set_num_threads(1)
+        g = torch.Generator().manual_seed(0)
+        z = torch.randn(100_000, 8, generator=g)
+        e = torch.randn(2048, 8, generator=g)
+        nearest_code(z[:64], e, memory_budget=4 * 2**20)   # warm up (BLAS buffers)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        idx = nearest_code(z, e, memory_budget=4 * 2**20)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        assert idx.shape == (100_000,)
+        print((after - before) * 1024)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         check=True)
+    grown = int(out.stdout.strip().splitlines()[-1])
+    full_matrix = 100_000 * 2048 * 4
+    assert grown < 64 * 2**20 < full_matrix // 10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu_and_memory():
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(20_000, 16, generator=g, dtype=torch.float64)
+    e = torch.randn(500, 16, generator=g, dtype=torch.float64)
+    expect = nearest_code(z, e)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    zc, ec = z.cuda(), e.cuda()
+    got = nearest_code(zc, ec, memory_budget=2**20)
+    peak = torch.cuda.max_memory_allocated() - base
+    assert torch.equal(got.cpu(), expect)
+    assert peak < zc.nbytes + ec.nbytes + 4 * 2**20
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+def test_two_way_exact_ties_lowest_index_any_chunk(distance):
+    """Queries exactly halfway between two close codes get the lower index, in every chunk size."""
+    g = torch.Generator().manual_seed(4)
+    codes = (20 * torch.randint(-5, 6, (40, 4), generator=g)).float()  # far apart lattice points
+    codes = torch.unique(codes, dim=0)[torch.randperm(torch.unique(codes, dim=0).shape[0], generator=g)]
+    pairs = []
+    for a in range(0, 20, 2):  # make code a+1 a neighbour of code a at distance 2 (a half-integer midpoint)
+        codes[a + 1] = codes[a] + torch.tensor([2.0, 0.0, 0.0, 0.0])
+        pairs.append((a + 1, a) if a % 4 else (a, a + 1))
+    if distance == "cosine":  # ties in angle: two unit codes symmetric about the query
+        # rows i = (i + 1) e_(i mod 4): same directions at different lengths (deduplicated as unit codes)
+        codes = torch.eye(4).repeat(8, 1)[:30] * torch.arange(1, 31)[:, None]
+        q = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 3.0, 3.0]])
+        expect = [0, 2]
+    else:
+        q = torch.stack([(codes[i] + codes[j]) / 2 for i, j in pairs])
+        expect = [min(p) for p in pairs]
+    for chunk in (1, 2, 3, 7, 100):
+        assert nearest_code(q, codes, chunk_size=chunk, distance=distance).tolist() == expect
+
+
+def test_chunk_independent_float32_random():
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(200, 12, generator=g)
+    e = torch.randn(300, 12, generator=g)
+    ref = nearest_code(z, e, chunk_size=200)
+    for chunk in (1, 3, 64, 199):
+        assert torch.equal(nearest_code(z, e, chunk_size=chunk), ref)
+    assert torch.equal(ref, brute_euclidean(z.double(), e.double()))
