@@ -1,9 +1,10 @@
 """k-means with k-means++ seeding, in torch, on any device.
 
-Used to initialise a VQ codebook from the first batch of encoder outputs, as the
-code of the rotation-trick paper does (Fifty et al. 2024, "Restructuring Vector
-Quantization with the Rotation Trick", arXiv 2410.06424), so that code norms
-start on the scale of the encoder outputs.
+Used to initialise a VQ codebook from the first batch of encoder outputs, so that
+code norms start on the scale of the encoder outputs: the remedy Su (2024) proposes
+for the rotation trick's scale problem. (The official code of the rotation-trick
+paper, Fifty et al. 2024, does *not* use it: its VQ-VAE starts from Kaiming-uniform
+codes; see the book's chapter "The scaling critique".)
 
 References:
     Lloyd, "Least squares quantization in PCM", IEEE Trans. Inf. Theory 28 (1982).

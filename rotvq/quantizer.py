@@ -26,7 +26,9 @@ References:
     Razavi, van den Oord, Vinyals, "Generating Diverse High-Fidelity Images with
     VQ-VAE-2", NeurIPS 2019, arXiv 1906.00446 (EMA codebook updates).
     Fifty et al., "Restructuring Vector Quantization with the Rotation Trick",
-    2024, arXiv 2410.06424 (the rotation trick; k-means codebook initialisation).
+    2024, arXiv 2410.06424 (the rotation trick).
+    Su Jianlin, "VQ的旋转技巧：梯度直通估计的一般推广", Scientific Spaces, 2024
+    (k-means initialisation as the remedy for |q| << |z|).
 """
 
 from __future__ import annotations
