@@ -13,13 +13,7 @@ from rotvq.experiment import main
 TINY = ["--steps", "4", "--batch-size", "16", "--hidden", "8", "--codebook-size", "8"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared, loaded CPU, two threads made these runs ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_help_explains_usage(capsys):

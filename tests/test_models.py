@@ -8,13 +8,7 @@ from torch.nn import functional as F
 from rotvq.models import ConvVQVAE, MLPVQVAE, VQVAEOutput
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared, loaded CPU, two threads made these runs ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp(seed=0, **kwargs):

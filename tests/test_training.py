@@ -14,13 +14,7 @@ TRAIN, TEST = load_digits("train"), load_digits("test")
 SMALL = dict(hidden=32, batch_size=32, codebook_size=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared, loaded CPU, two threads made these runs ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(**overrides):

@@ -1,0 +1,15 @@
+"""Fixtures shared by the unit tests."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: on a shared, loaded CPU, two threads made the
+    training runs ~20x slower (and one thread makes them reproducible anywhere)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
