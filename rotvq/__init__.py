@@ -34,13 +34,12 @@ from .operators import (
 from .kmeans import kmeans, kmeans_plusplus
 from .quantizer import INITS, VectorQuantizer, VQOutput
 from .search import DISTANCES, nearest_code
-from .datasets import LabeledData, load_cifar10, load_digits, load_mnist, load_patches
-from .models import ConvVQVAE, MLPVQVAE, VQVAEOutput
-from .training import History, TrainConfig, build_model, evaluate, train
 
 __version__ = "0.1.0"
 
-_LAZY_SUBMODULES = ("symbolic",)  # need optional dependencies (sympy): imported on first use
+# imported on first use: `symbolic` needs sympy; `lab` (datasets, models, training, the
+# experiment command line) is the book's experiment apparatus, not the library's face
+_LAZY_SUBMODULES = ("symbolic", "lab")
 
 
 def __getattr__(name):
@@ -73,17 +72,4 @@ __all__ = [
     "nearest_code",
     "kmeans",
     "kmeans_plusplus",
-    "LabeledData",
-    "load_digits",
-    "load_patches",
-    "load_mnist",
-    "load_cifar10",
-    "MLPVQVAE",
-    "ConvVQVAE",
-    "VQVAEOutput",
-    "TrainConfig",
-    "History",
-    "build_model",
-    "train",
-    "evaluate",
 ]

@@ -1,4 +1,4 @@
-"""Tests for rotvq.datasets: embedded data, and MNIST / CIFAR-10 readers on tiny generated files."""
+"""Tests for rotvq.lab.datasets: embedded data, and MNIST / CIFAR-10 readers on tiny generated files."""
 from __future__ import annotations
 
 import ast
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from rotvq.datasets import LabeledData, load_cifar10, load_digits, load_mnist, load_patches
+from rotvq.lab.datasets import LabeledData, load_cifar10, load_digits, load_mnist, load_patches
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -98,7 +98,7 @@ def test_patches_grayscale_is_luma():
 # ---------------------------------------------------------------------- the embedded files
 
 def test_embedded_files_small():
-    sizes = [p.stat().st_size for p in (ROOT / "rotvq" / "_data").glob("*.npz")]
+    sizes = [p.stat().st_size for p in (ROOT / "rotvq" / "lab" / "_data").glob("*.npz")]
     assert len(sizes) == 2 and sum(sizes) < 1_000_000
 
 
@@ -110,9 +110,9 @@ class _BlockSklearn(importlib.abc.MetaPathFinder):
 
 
 def test_loading_does_not_need_scikit_learn(monkeypatch):
-    import rotvq.datasets
+    import rotvq.lab.datasets
 
-    tree = ast.parse(pathlib.Path(rotvq.datasets.__file__).read_text())
+    tree = ast.parse(pathlib.Path(rotvq.lab.datasets.__file__).read_text())
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                 for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree)

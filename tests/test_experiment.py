@@ -1,4 +1,4 @@
-"""Tests for the experiment command line (rotvq.experiment)."""
+"""Tests for the experiment command line (rotvq.lab.experiment)."""
 from __future__ import annotations
 
 import csv
@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from rotvq.experiment import main
+from rotvq.lab.experiment import main
 
 TINY = ["--steps", "4", "--batch-size", "16", "--hidden", "8", "--codebook-size", "8"]
 
@@ -27,11 +27,11 @@ def test_help_explains_usage(capsys):
 
 
 def test_module_entry_point(monkeypatch, capsys):
-    # what `python -m rotvq.experiment --help` runs, without starting a new interpreter
-    monkeypatch.setattr(sys, "argv", ["rotvq.experiment", "--help"])
-    monkeypatch.delitem(sys.modules, "rotvq.experiment")  # run a fresh copy as __main__
+    # what `python -m rotvq.lab.experiment --help` runs, without starting a new interpreter
+    monkeypatch.setattr(sys, "argv", ["rotvq.lab.experiment", "--help"])
+    monkeypatch.delitem(sys.modules, "rotvq.lab.experiment")  # run a fresh copy as __main__
     with pytest.raises(SystemExit) as exit_info:
-        runpy.run_module("rotvq.experiment", run_name="__main__", alter_sys=False)
+        runpy.run_module("rotvq.lab.experiment", run_name="__main__", alter_sys=False)
     assert exit_info.value.code == 0
     assert "usage: rotvq-experiment" in capsys.readouterr().out
 

@@ -1,11 +1,11 @@
-"""Tests for rotvq.models: shapes, losses, gradient flow, and control of the encoder-output norm."""
+"""Tests for rotvq.lab.models: shapes, losses, gradient flow, and control of the encoder-output norm."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch.nn import functional as F
 
-from rotvq.models import ConvVQVAE, MLPVQVAE, VQVAEOutput
+from rotvq.lab.models import ConvVQVAE, MLPVQVAE, VQVAEOutput
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

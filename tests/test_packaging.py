@@ -121,7 +121,8 @@ def test_wheel_contains_package_modules(wheel_names):
 
 @pytest.mark.slow
 def test_wheel_contains_embedded_data(wheel_names):
-    data = {p.relative_to(ROOT).as_posix() for p in PACKAGE.glob("_data/*.npz")}
+    data = {p.relative_to(ROOT).as_posix() for p in PACKAGE.rglob("_data/*.npz")}
+    assert data, "no embedded datasets found under rotvq/"
     missing = sorted(data - wheel_names)
     assert not missing, f"embedded datasets missing from the wheel: {missing}"
 
@@ -137,7 +138,7 @@ def test_wheel_ships_only_the_package(wheel_names):
 def test_wheel_metadata(wheel, wheel_names):
     with zipfile.ZipFile(wheel) as zf:
         (entry_points,) = [n for n in wheel_names if n.endswith(".dist-info/entry_points.txt")]
-        assert "rotvq-experiment = rotvq.experiment:main" in zf.read(entry_points).decode()
+        assert "rotvq-experiment = rotvq.lab.experiment:main" in zf.read(entry_points).decode()
         (metadata,) = [n for n in wheel_names if n.endswith(".dist-info/METADATA")]
         text = zf.read(metadata).decode()
     requires = [line.split(":", 1)[1].strip() for line in text.splitlines()

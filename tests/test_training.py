@@ -1,4 +1,4 @@
-"""Tests for rotvq.training: config validation, determinism, learning, history, evaluation."""
+"""Tests for rotvq.lab.training: config validation, determinism, learning, history, evaluation."""
 from __future__ import annotations
 
 import csv
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from rotvq.datasets import load_digits
-from rotvq.training import METRICS, History, TrainConfig, build_model, evaluate, train
+from rotvq.lab.datasets import load_digits
+from rotvq.lab.training import METRICS, History, TrainConfig, build_model, evaluate, train
 
 TRAIN, TEST = load_digits("train"), load_digits("test")
 SMALL = dict(hidden=32, batch_size=32, codebook_size=16)

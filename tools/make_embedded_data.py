@@ -1,13 +1,13 @@
-"""Regenerate the small real datasets embedded in ``rotvq/_data/``.
+"""Regenerate the small real datasets embedded in ``rotvq/lab/_data/``.
 
 Usage::
 
-    python tools/make_embedded_data.py            # (re)write rotvq/_data/*.npz
+    python tools/make_embedded_data.py            # (re)write rotvq/lab/_data/*.npz
     python tools/make_embedded_data.py --check    # exit 1 if the committed files differ
 
 Needs scikit-learn (and Pillow, which scikit-learn uses to read its sample JPEGs) in the
 *development* environment only: rotvq itself never imports scikit-learn; its loaders
-(:mod:`rotvq.datasets`) read the ``.npz`` files written here.
+(:mod:`rotvq.lab.datasets`) read the ``.npz`` files written here.
 
 What is written (all pixel values ``uint8``; every random choice uses a fixed seed):
 
@@ -39,7 +39,7 @@ import zipfile
 
 import numpy as np
 
-DATA_DIR = pathlib.Path(__file__).resolve().parents[1] / "rotvq" / "_data"
+DATA_DIR = pathlib.Path(__file__).resolve().parents[1] / "rotvq" / "lab" / "_data"
 SEED = 0
 PATCH = 8  # patch side in pixels
 PATCHES_PER_IMAGE = 1500

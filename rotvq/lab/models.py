@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .quantizer import VectorQuantizer
+from ..quantizer import VectorQuantizer
 
 __all__ = ["VQVAEOutput", "MLPVQVAE", "ConvVQVAE"]
 

@@ -1,4 +1,4 @@
-"""A small, deterministic training loop for the VQ-VAEs of :mod:`rotvq.models`.
+"""A small, deterministic training loop for the VQ-VAEs of :mod:`rotvq.lab.models`.
 
 * :class:`TrainConfig` -- everything that defines a run (optimisation, quantizer, model).
 * :func:`build_model` -- the model a config describes, initialised from ``config.seed``.
@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .estimators import SURROGATE_NAMES
+from ..estimators import SURROGATE_NAMES
 from .models import ConvVQVAE, MLPVQVAE
-from .quantizer import INITS
+from ..quantizer import INITS
 
 __all__ = ["TrainConfig", "History", "build_model", "train", "evaluate", "METRICS"]
 
@@ -69,7 +69,7 @@ class TrainConfig:
     ema: bool = False  # update the codebook by exponential moving averages instead
     decay: float = 0.99  # EMA decay (only with ema=True)
     dead_code_threshold: float = 0.0  # restart codes whose EMA count falls below this; 0: never
-    # --- model (rotvq.models)
+    # --- model (rotvq.lab.models)
     model: str = "mlp"  # "mlp" (flat inputs) or "conv" (channel-first images)
     hidden: int = 128  # hidden width (mlp) or channels (conv)
     latent_dim: int = 8  # size of a latent / code vector
@@ -171,7 +171,7 @@ class History:
 
 
 def _inputs(data) -> torch.Tensor:
-    """``x`` from a tensor or a ``(x, labels)`` pair such as :class:`rotvq.datasets.LabeledData`."""
+    """``x`` from a tensor or a ``(x, labels)`` pair such as :class:`rotvq.lab.datasets.LabeledData`."""
     x = data
     if isinstance(data, (tuple, list)) and data:
         x = data[0]
@@ -245,7 +245,7 @@ def train(model: torch.nn.Module, data, config: TrainConfig | None = None, *,
     """Train ``model`` in place with the optimisation settings of ``config``.
 
     Args:
-        model: a :class:`~rotvq.models.MLPVQVAE` or :class:`~rotvq.models.ConvVQVAE`
+        model: a :class:`~rotvq.lab.models.MLPVQVAE` or :class:`~rotvq.lab.models.ConvVQVAE`
             (e.g. from :func:`build_model`); moved to ``config.device``.
         data: training inputs ``(N, ...)`` or an ``(x, labels)`` pair; batches are taken
             on the CPU and moved to the device.
@@ -308,7 +308,7 @@ def evaluate(model: torch.nn.Module, data, *, batch_size: int = 1024) -> dict[st
     is put back in its previous mode afterwards.
 
     Args:
-        model: a VQ-VAE from :mod:`rotvq.models`.
+        model: a VQ-VAE from :mod:`rotvq.lab.models`.
         data: inputs ``(N, ...)`` or an ``(x, labels)`` pair (e.g. the test split).
         batch_size: examples per forward pass (memory only; results do not depend on it
             beyond rounding).

@@ -1,18 +1,18 @@
 """Command line: compare gradient estimators and codebook initialisations by training VQ-VAEs.
 
-``python -m rotvq.experiment`` (or the console script ``rotvq-experiment``) trains one
-small VQ-VAE (:mod:`rotvq.models`) per combination of estimator x initialisation x seed
+``python -m rotvq.lab.experiment`` (or the console script ``rotvq-experiment``) trains one
+small VQ-VAE (:mod:`rotvq.lab.models`) per combination of estimator x initialisation x seed
 on one dataset, evaluates each on the held-out split, and writes into ``--out``:
 
 * ``runs.csv`` -- one row per run: its settings, the final training metrics (mean over the
   last 5 % of the steps) as ``train_*`` and the test-split metrics of
-  :func:`rotvq.training.evaluate` as ``test_*``, and the wall time;
-* ``history.csv`` -- one row per run and step (the :class:`rotvq.training.History`);
+  :func:`rotvq.lab.training.evaluate` as ``test_*``, and the wall time;
+* ``history.csv`` -- one row per run and step (the :class:`rotvq.lab.training.History`);
 * ``curves.png`` -- training curves (reconstruction loss, perplexity, mean ``|z|`` and
   mean ``|q|``), one line per estimator / initialisation, averaged over seeds.
 
 matplotlib is needed only for the plot and is imported only then (``--no-plots`` skips
-it).  Run ``python -m rotvq.experiment --help`` for the options and examples.
+it).  Run ``python -m rotvq.lab.experiment --help`` for the options and examples.
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from . import datasets
-from .estimators import SURROGATE_NAMES
-from .quantizer import INITS
+from ..estimators import SURROGATE_NAMES
+from ..quantizer import INITS
 from .training import METRICS, History, TrainConfig, build_model, evaluate, train
 
 __all__ = ["main", "build_parser"]
@@ -39,17 +39,17 @@ __all__ = ["main", "build_parser"]
 EPILOG = """\
 examples:
   # STE vs. rotation trick on the embedded digits, 3 seeds (about a minute on a laptop CPU)
-  python -m rotvq.experiment --estimators ste rotation --seeds 0 1 2 --out runs/digits
+  python -m rotvq.lab.experiment --estimators ste rotation --seeds 0 1 2 --out runs/digits
 
   # does k-means initialisation rescue the STE when codes start much shorter than z?
-  python -m rotvq.experiment --estimators ste rotation --inits normal kmeans \\
+  python -m rotvq.lab.experiment --estimators ste rotation --inits normal kmeans \\
       --init-scale 0.01 --out runs/small-codes
 
   # image patches with the convolutional model
-  python -m rotvq.experiment --dataset patches --model conv --out runs/patches
+  python -m rotvq.lab.experiment --dataset patches --model conv --out runs/patches
 
   # MNIST from local IDX files (nothing is downloaded), on a GPU
-  python -m rotvq.experiment --mnist ~/data/mnist --device cuda --steps 5000 --out runs/mnist
+  python -m rotvq.lab.experiment --mnist ~/data/mnist --device cuda --steps 5000 --out runs/mnist
 
 outputs (in --out): runs.csv (one row per run), history.csv (one row per run and step),
 curves.png (training curves; needs matplotlib, skip with --no-plots).
