@@ -11,6 +11,7 @@
   ``tools/execute_notebook.py`` writes them), uses the ``python3`` kernelspec, and
   leaves no machine paths and no unexpected error (a cell not tagged
   ``raises-exception``) in its outputs.
+* Adds the ``--browser-check`` option of ``tests/test_browser.py``.
 * Registers a Hypothesis profile without a per-example deadline: CI machines are
   small and shared, and a wall-clock deadline there makes property tests flaky.
 """
@@ -36,6 +37,16 @@ try:  # hypothesis is in the `test` extra; keep conftest importable without it
     _hyp_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "rotvq"))
 except ImportError:  # pragma: no cover - only without the test extra
     pass
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--browser-check",
+        action="store_true",
+        default=False,
+        help="tests/test_browser.py: fail, instead of skipping, when no built book "
+        "(_build/html) or no Chromium is found (CI runs it so after the book build)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -31,15 +31,17 @@ from .operators import (
     Rotation,
     TangentRotation,
 )
+from .backend import BACKENDS, get_backend, set_backend
 from .kmeans import kmeans, kmeans_plusplus
-from .quantizer import INITS, VectorQuantizer, VQOutput
+from .quantizer import INITS, METRIC_NAMES, VectorQuantizer, VQOutput
 from .search import DISTANCES, nearest_code
 
 __version__ = "0.1.0"
 
-# imported on first use: `symbolic` needs sympy; `lab` (datasets, models, training, the
+# imported on first use: `symbolic` needs sympy; `bench` is the benchmark library the
+# performance appendix reads; `lab` (datasets, models, training, the
 # experiment command line) is the book's experiment apparatus, not the library's face
-_LAZY_SUBMODULES = ("symbolic", "lab")
+_LAZY_SUBMODULES = ("symbolic", "lab", "bench")
 
 
 def __getattr__(name):
@@ -67,6 +69,10 @@ __all__ = [
     "Householder",
     "VectorQuantizer",
     "VQOutput",
+    "METRIC_NAMES",
+    "set_backend",
+    "get_backend",
+    "BACKENDS",
     "INITS",
     "DISTANCES",
     "nearest_code",

@@ -1,14 +1,17 @@
-"""Input validation shared by the estimators and operators.
+"""Input validation and small dtype/device helpers shared by the package.
 
 Every public entry point of :mod:`rotvq` validates its tensors here, so that bad input
 fails early with a message that names the offending argument, instead of producing a
-silent NaN or a broadcast that the caller did not ask for.
+silent NaN or a broadcast that the caller did not ask for.  The small utilities that
+several modules need (a positive-integer check, the device a random generator draws on,
+"at least float32") are spelled once here.
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["check_vector_pair", "compute_dtype", "input_eps"]
+__all__ = ["check_vector_pair", "check_positive_int", "check_nonnegative_int", "compute_dtype",
+           "at_least_float32", "generator_device", "input_eps"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -63,3 +66,31 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def input_eps(dtype: torch.dtype) -> float:
     """Machine epsilon of the *input* dtype (the resolution the caller's data has)."""
     return torch.finfo(dtype).eps
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """``value`` if it is an ``int`` >= 1 (``bool`` is not accepted), else ``ValueError``
+    naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_nonnegative_int(name: str, value: object) -> int:
+    """``value`` if it is an ``int`` >= 0 (``bool`` is not accepted), else ``ValueError``
+    naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return value
+
+
+def at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    """``dtype`` promoted to at least float32 (float16/bfloat16 -> float32, float64 stays);
+    the dtype statistics and accumulations are computed in."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def generator_device(generator: torch.Generator | None, fallback: torch.device) -> torch.device:
+    """The device random numbers must be drawn on: the generator's own, or ``fallback``
+    when drawing from torch's global generator (``generator=None``)."""
+    return generator.device if generator is not None else fallback

@@ -17,6 +17,12 @@ estimator (it sits inside ``sg[·]``: codebooks learn through their own loss or 
 **Precision.** float16 and bfloat16 gradients are computed in float32 and returned in
 the input dtype; near-degenerate rows of the rotation family are recomputed in float64
 (see :mod:`rotvq.operators`).
+
+**Speed and** ``torch.compile``. The rotation family's backward runs eagerly or as one
+fused kernel (:func:`rotvq.backend.set_backend`, environment variable
+``ROTVQ_BACKEND``). Every estimator here also traces whole into
+``torch.compile(fn, fullgraph=True)``: the forward stays bitwise ``q`` and the backward
+uses fixed shapes only (no data-dependent branch).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""k-means with k-means++ seeding, in torch, on any device.
+"""k-means with k-means++ seeding, in torch, on any device (Euclidean or spherical).
 
 Used to initialise a VQ codebook from the first batch of encoder outputs, so that
 code norms start on the scale of the encoder outputs: the remedy Su (2024) proposes
@@ -10,6 +10,8 @@ References:
     Lloyd, "Least squares quantization in PCM", IEEE Trans. Inf. Theory 28 (1982).
     Arthur and Vassilvitskii, "k-means++: the advantages of careful seeding",
     SODA 2007 (the D^2 seeding of :func:`kmeans_plusplus`).
+    Dhillon and Modha, "Concept decompositions for large sparse text data using
+    clustering", Machine Learning 42 (2001) (spherical k-means).
 
 Fewer points than clusters (``N < k``). Both functions accept it, because a
 first training batch may hold fewer vectors than a large codebook has codes:
@@ -18,6 +20,11 @@ copies of points drawn uniformly (with replacement) plus Gaussian noise of
 standard deviation ``1e-2`` times the data's overall standard deviation (or
 ``1e-2`` for constant data), so no two centroids coincide. ``N = 0`` or ``k < 1``
 raises ``ValueError``.
+
+Spherical k-means (``distance="cosine"``, Dhillon and Modha 2001): the points are
+l2-normalised, assigned to the centroid of largest cosine similarity, and each
+centroid is the normalised mean of its points, so centroids stay on the unit sphere.
+This is the initialisation of a cosine-distance VQ codebook.
 
 Randomness comes only from ``generator`` (``None``: torch's global generator);
 with a CPU generator the results are deterministic on CPU. Samples are drawn on
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import at_least_float32, check_nonnegative_int, check_positive_int, generator_device
 from .search import nearest_code
 
 __all__ = ["kmeans", "kmeans_plusplus"]
@@ -40,18 +48,13 @@ def _check(x: torch.Tensor, k: int) -> None:
         raise ValueError(f"x must have shape (N, D), got {tuple(x.shape)}")
     if x.shape[0] == 0:
         raise ValueError("x has no points (N = 0)")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-
-
-def _gen_device(generator: torch.Generator | None, fallback: torch.device) -> torch.device:
-    return generator.device if generator is not None else fallback
+    check_positive_int("k", k)
 
 
 def _fewer_points(x: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
     """Centroids for ``N < k``: all points, then perturbed copies (see module docstring)."""
     n = x.shape[0]
-    dev = _gen_device(generator, x.device)
+    dev = generator_device(generator, x.device)
     perm = torch.randperm(n, generator=generator, device=dev).to(x.device)
     extra = torch.randint(0, n, (k - n,), generator=generator, device=dev).to(x.device)
     std = x.std() if x.numel() > 1 else x.new_zeros(())
@@ -82,9 +85,9 @@ def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator | None =
     n = x.shape[0]
     if k >= n:
         return _fewer_points(x, k, generator) if k > n else x[
-            torch.randperm(n, generator=generator, device=_gen_device(generator, x.device)).to(x.device)]
-    dev = _gen_device(generator, x.device)
-    xc = x.to(torch.promote_types(x.dtype, torch.float32))  # (N, D)
+            torch.randperm(n, generator=generator, device=generator_device(generator, x.device)).to(x.device)]
+    dev = generator_device(generator, x.device)
+    xc = x.to(at_least_float32(x.dtype))  # (N, D)
     first = int(torch.randint(0, n, (1,), generator=generator, device=dev))
     chosen = [first]
     d2 = (xc - xc[first]).pow(2).sum(1)  # (N,) squared distance to nearest centroid so far
@@ -101,8 +104,8 @@ def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator | None =
 
 @torch.no_grad()
 def kmeans(x: torch.Tensor, k: int, *, iters: int = 20, generator: torch.Generator | None = None,
-           memory_budget: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's k-means (Euclidean) seeded with :func:`kmeans_plusplus`.
+           memory_budget: int | None = None, distance: str = "euclidean") -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means seeded with :func:`kmeans_plusplus`; spherical with ``distance="cosine"``.
 
     Each iteration assigns every point to its nearest centroid with
     :func:`rotvq.search.nearest_code` (exact, memory-bounded, ties to the lowest
@@ -116,6 +119,9 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 20, generator: torch.Generat
         iters: maximum number of Lloyd iterations (>= 0; 0 returns the seeds).
         generator: optional ``torch.Generator`` for the seeding.
         memory_budget: bytes per search chunk (``None``: the search default).
+        distance: ``"euclidean"`` (Lloyd) or ``"cosine"`` (spherical k-means: the
+            points are normalised first, centroids are normalised means, and the
+            returned centroids have norm 1; see the module docstring).
 
     Returns:
         ``(centroids, assignments)``: centroids of shape ``(k, D)`` in the dtype
@@ -123,18 +129,29 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 20, generator: torch.Generat
         returned centroid for each point.
     """
     _check(x, k)
-    if iters < 0:
-        raise ValueError(f"iters must be >= 0, got {iters}")
-    search = {} if memory_budget is None else {"memory_budget": memory_budget}
-    acc = torch.promote_types(x.dtype, torch.float32)
+    check_nonnegative_int("iters", iters)
+    if distance not in ("euclidean", "cosine"):
+        raise ValueError(f"unknown distance {distance!r}; valid: euclidean, cosine")
+    search = {"distance": distance}
+    if memory_budget is not None:
+        search["memory_budget"] = memory_budget
+    acc = at_least_float32(x.dtype)
     xa = x.to(acc)  # (N, D)
+    if distance == "cosine":  # spherical k-means: cluster the directions
+        xa = torch.nn.functional.normalize(xa, dim=1)
+        x = xa.to(x.dtype)
     centroids = kmeans_plusplus(x, k, generator=generator).to(acc)  # (k, D)
+    if distance == "cosine":  # perturbed copies (N < k) leave the sphere: put them back
+        centroids = torch.nn.functional.normalize(centroids, dim=1)
     assign = nearest_code(xa, centroids, **search)  # (N,)
     for _ in range(iters):
         counts = torch.bincount(assign, minlength=k).to(acc)  # (k,)
         sums = torch.zeros_like(centroids).index_add_(0, assign, xa)  # (k, D)
         filled = counts > 0
-        centroids = torch.where(filled[:, None], sums / counts.clamp_min(1)[:, None], centroids)
+        means = sums / counts.clamp_min(1)[:, None]
+        if distance == "cosine":
+            means = torch.nn.functional.normalize(means, dim=1)
+        centroids = torch.where(filled[:, None], means, centroids)
         new_assign = nearest_code(xa, centroids, **search)
         if torch.equal(new_assign, assign):
             break

@@ -22,13 +22,27 @@ complement (derived in the book, chapter "The rotation construction"):
 
 **How** ``R^T g`` **is evaluated.** For rows with ``θ ≤ 120°`` rotvq uses that formula
 rearranged as ``R^T g = g + (2a - k) ẑ - k q̂`` with ``a = q̂·g``, ``k = (q̂·g + ẑ·g)/(1 + c)``
-(O(d), a few inner products and one combine). Rows where that form loses accuracy
-(``1 + c < 1/2``), or whose squared norms under- or overflow, are recomputed in float64
-in the *plane form*: an orthonormal basis ``e₁ = ẑ``, ``e₂ ⟂ ẑ`` of the plane of ``z``
-and ``q`` (Gram–Schmidt applied twice), and ``R = I + (cos θ - 1)(e₁e₁ᵀ + e₂e₂ᵀ) +
-sin θ (e₂e₁ᵀ - e₁e₂ᵀ)``. Near ``θ = π`` the error of this route is the conditioning of
-the problem itself, about ``10⁻¹⁶/(π - θ)`` relative, where the textbook formula divides
-two vanishing quantities.
+(:eq:`rot-span` of :ref:`ch-rotation`; O(d), a few inner products and one combine). Rows
+where that form loses accuracy (``1 + c < 1/2``), or whose squared norms under- or
+overflow, are recomputed in float64 in the *plane form* (:eq:`rot-plane-form`): an
+orthonormal basis ``e₁ = ẑ``, ``e₂ ⟂ ẑ`` of the plane of ``z`` and ``q`` (Gram–Schmidt
+applied twice), and ``R = I + (cos θ - 1)(e₁e₁ᵀ + e₂e₂ᵀ) + sin θ (e₂e₁ᵀ - e₁e₂ᵀ)``. Near
+``θ = π`` the error of this route is the conditioning of the problem itself, about
+``10⁻¹⁶/(π - θ)`` relative, where the textbook formula divides two vanishing quantities.
+
+**One definition per variant.** Every member of the family is a :class:`Variant`:
+``G^T g = s(λ) P T^T g + u g`` with the scale policy ``s(λ) = m·clip(λ, lo, hi)``, an
+optional tangent projection ``P = I - ẑẑᵀ``, a weight ``u`` of the identity and
+``T ∈ {R, H}``. The span form (eager, in cache-sized chunks), the fused kernel of the
+compiled backend (:mod:`rotvq.backend`) and the float64 plane form all evaluate ``G^T g``
+from those fields; a subclass only chooses them.
+
+**Backends and** ``torch.compile``. :func:`rotvq.backend.set_backend` chooses between the
+eager span form and one fused kernel (``"compiled"``); both send the same rows to the
+plane form. Inside ``torch.compile(fn, fullgraph=True)`` the backward of the rotation
+family is one custom operator, ``torch.ops.rotvq.rotation_family_vjp``, which the
+compiler does not trace into: it runs the selected backend (row routing included) and
+gives the same gradients as outside ``torch.compile``.
 
 **Degenerate inputs** (no NaN, no inf, forward always exactly ``q``):
 
@@ -55,11 +69,14 @@ Householder, *Unitary triangularization of a nonsymmetric matrix* (JACM, 1958).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
 from ._checks import check_vector_pair, compute_dtype, input_eps
+from .backend import compiled as backend_compiled
+from .backend import get_backend
 
 __all__ = [
     "JacobianSurrogate",
@@ -70,6 +87,7 @@ __all__ = [
     "InterpolatedRotation",
     "TangentRotation",
     "Householder",
+    "Variant",
 ]
 
 # Rows with 1 + cos θ below this go through the float64 plane form (θ > 120°).
@@ -110,13 +128,12 @@ class JacobianSurrogate:
         check_vector_pair(z, q)
         check_vector_pair(g, z, names=("g", "z"))
         self.check(z, q)
-        cd = compute_dtype(z.dtype)
-        out = self._apply(g.to(cd), z.to(cd), q.to(cd), z.dtype)
-        return out.to(z.dtype)
+        return self._vjp(g, z, q)
 
-    def _apply(self, g, z, q, input_dtype):
-        # Hook for operators whose numerics depend on the caller's (input) dtype.
-        return self.apply_transpose(g, z, q)
+    def _vjp(self, g, z, q):
+        # validated inputs; the rotation family overrides this to choose a backend
+        cd = compute_dtype(z.dtype)
+        return self.apply_transpose(g.to(cd), z.to(cd), q.to(cd)).to(z.dtype)
 
     def matrix(self, z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """The dense ``G``, shape ``(..., d, d)`` — O(d²) memory, for teaching and tests.
@@ -190,10 +207,73 @@ class Dense(JacobianSurrogate):
 
 # ----------------------------------------------------------------------------------
 # The rotation family.
+#
+# A variant is one small definition, a :class:`Variant`: the scale policy
+# s(λ) = m·clamp(λ, lo, hi), a weight u of the identity, an optional tangent projection,
+# and whether the orthogonal map is the rotation R or the Householder reflection H:
+#
+#     G^T g = s(λ) · P(T^T g) + u · g,      T ∈ {R, H},   P = I - ẑẑᵀ (tangent) or I.
+#
+# Three evaluators serve every variant from that definition alone:
+#   * the span form (_span_coefficients), used by the eager chunked fast path and by the
+#     fused kernel of the compiled backend (_span_kernel);
+#   * the float64 plane form (_plane_combine), for degenerate rows and for the reflection.
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(-1, keepdim=True)  # (..., 1)
+
+
+def _scale(lam, m, lo, hi):
+    """The scale policy ``s(λ) = m·clamp(λ, lo, hi)``; floats or 0-d tensors alike."""
+    return m * lam.clamp(lo, hi)
+
+
+def _span_coefficients(s, u, tau, a, k):
+    r"""Per-row ``(α, c_ẑ, c_q̂)`` with ``G^T g = α g + c_ẑ ẑ + c_q̂ q̂``.
+
+    Implements :eq:`rot-span` of :ref:`ch-rotation` (:eq:`bench-span` of
+    :ref:`ch-benchmarks`): ``R^T g = g + (2a - k) ẑ - k q̂`` with ``a = q̂·g``,
+    ``k = (q̂·g + ẑ·g)/(1 + c)``; the tangent projection removes ``ẑ·R^T g = a`` from the
+    ``ẑ`` coefficient (``tau = 1``); ``s`` scales, ``u`` adds ``u g``.
+    """
+    return s + u, s * ((2 - tau) * a - k), -s * k
+
+
+def _healthy(nz, nq, c, eps_in):
+    """Rows the span form evaluates accurately: squared norms neither under- nor
+    overflow, ``1 + cos θ ≥ 1/2`` (θ ≤ 120°), and ``z`` above the resolution of ``q``."""
+    tiny = torch.finfo(nz.dtype).tiny
+    nz2, nq2 = nz * nz, nq * nq
+    ok = (nz2 >= tiny) & (nq2 >= tiny) & torch.isfinite(nz2 + nq2) & ((1 + c) >= _FAST_PATH_MIN_ONE_PLUS_COS)
+    return ok & (nz > eps_in * nq)
+
+
+def _span_kernel(g, z, q, params, eps_in: float):
+    """The whole span form on rows ``(n, d)``: the fused kernel of the compiled backend.
+
+    Args:
+        g, z, q: ``(n, d)`` in the input dtype.
+        params: ``(5,)`` tensor ``[m, lo, hi, u, tau]`` of the variant, in the compute
+            dtype (a tensor, so one compiled kernel serves every variant).
+        eps_in: machine epsilon of the input dtype.
+
+    Returns:
+        ``(G^T g, healthy)``: ``(n, d)`` in the input dtype (rows that are not healthy
+        may hold inf/NaN) and the ``(n,)`` boolean mask of :func:`_healthy`.
+    """
+    cd = params.dtype
+    g_, z_, q_ = g.to(cd), z.to(cd), q.to(cd)
+    nz = (z_ * z_).sum(-1).sqrt()  # (n,)
+    nq = (q_ * q_).sum(-1).sqrt()
+    inz, inq = nz.reciprocal(), nq.reciprocal()
+    c = (z_ * q_).sum(-1) * inz * inq  # cos θ
+    a = (q_ * g_).sum(-1) * inq  # q̂·g
+    k = (a + (z_ * g_).sum(-1) * inz) / (1 + c)
+    m, lo, hi, u, tau = params.unbind(0)
+    alpha, czh, cqh = _span_coefficients(_scale(nq * inz, m, lo, hi), u, tau, a, k)
+    out = alpha[:, None] * g_ + (czh * inz)[:, None] * z_ + (cqh * inq)[:, None] * q_
+    return out.to(g.dtype), _healthy(nz, nq, c, eps_in)
 
 
 def _perpendicular(e1: torch.Tensor) -> torch.Tensor:
@@ -206,7 +286,11 @@ def _perpendicular(e1: torch.Tensor) -> torch.Tensor:
 
 
 class _Plane:
-    """Float64 plane form of the pair (z, q): e1 = ẑ, e2 ⟂ e1, cos θ, sin θ, norms."""
+    r"""Float64 plane form of the pair (z, q): e1 = ẑ, e2 ⟂ e1, cos θ, sin θ, norms.
+
+    Implements :eq:`rot-plane-form` of :ref:`ch-rotation` (the rotation by θ in the plane
+    of ``ẑ`` and ``q̂``, :eq:`rot-plane`) and the reflection of :eq:`rot-householder`.
+    """
 
     def __init__(self, z: torch.Tensor, q: torch.Tensor, eps_in: float):
         z = z.double()
@@ -242,38 +326,110 @@ class _Plane:
         return g - 2 * _dot(v, g) * v
 
 
-class _RotationFamily(JacobianSurrogate):
-    """Shared machinery: ``G^T g = combine(λ, ẑ, g, R^T g)`` row by row.
+_PARAMS: dict = {}  # (variant, dtype, device) -> its parameter tensor, made once
 
-    Subclasses implement :meth:`_combine`; the degenerate-``z`` fallback ``G = I`` is
-    applied here, once, for all of them. Subclasses with an O(d) fast path also
-    implement :meth:`_fast_coefficients`; ``_has_fast_path = False`` sends every row to
-    the float64 plane form.
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    r"""One member of the rotation family, the whole of its definition:
+
+    .. math:: G^\top g = s(\lambda)\, P\, T^\top g + u\, g, \qquad
+              s(\lambda) = m \operatorname{clip}(\lambda, lo, hi),
+
+    with ``λ = |q|/|z|``, ``T`` the rotation ``R`` of :eq:`rot-R` in :ref:`ch-rotation`
+    (or the reflection ``H`` of :eq:`rot-householder` when ``reflect``), and ``P`` the
+    projection ``I - ẑẑᵀ`` onto the tangent space of the sphere through ``z`` when
+    ``tangent`` (else ``I``). The eager span form, the float64 plane form and the fused
+    kernel of the compiled backend all evaluate ``G^T g`` from these fields.
     """
 
-    _has_fast_path = True
+    m: float = 1.0  # multiplier of the clipped scale
+    lo: float = 0.0  # the scale λ is clipped to [lo, hi]; lo = hi = 1 drops it
+    hi: float = math.inf
+    u: float = 0.0  # weight of the identity (interpolation with the STE)
+    tangent: bool = False  # project T^T g onto the tangent space at z
+    reflect: bool = False  # T = H (no span form: every row in the plane form)
 
-    def _combine(self, lam, e1, g, rtg):  # pragma: no cover - abstract
-        raise NotImplementedError
+    def params(self, dtype: torch.dtype, device) -> torch.Tensor:
+        """``[m, lo, hi, u, tau]`` as a tensor: the fused kernel's view of the variant."""
+        if torch.compiler.is_compiling():
+            return torch.tensor([self.m, self.lo, self.hi, self.u, float(self.tangent)], dtype=dtype, device=device)
+        key = (self, dtype, torch.device(device))
+        cached = _PARAMS.get(key)
+        if cached is None:
+            cached = _PARAMS[key] = torch.tensor([self.m, self.lo, self.hi, self.u, float(self.tangent)],
+                                                 dtype=dtype, device=device)
+        return cached
 
-    def _transform(self, plane: _Plane, g: torch.Tensor) -> torch.Tensor:
-        return plane.rotate_transpose(g)
+    def combine(self, lam, e1, g, tg):
+        """Plane form: ``s(λ) P (T^T g) + u g`` for float64 rows."""
+        if self.tangent:
+            tg = tg - _dot(e1, tg) * e1
+        out = _scale(lam, self.m, self.lo, self.hi) * tg
+        return out + self.u * g if self.u else out
+
+
+@torch.library.custom_op("rotvq::rotation_family_vjp", mutates_args=())
+def _rotation_family_vjp(g: torch.Tensor, z: torch.Tensor, q: torch.Tensor, m: float, lo: float, hi: float,
+                         u: float, tangent: bool, reflect: bool) -> torch.Tensor:
+    """``G^T g`` of the variant with these fields, as one operator that ``torch.compile``
+    does not trace into: a compiled caller gets the eager or compiled backend's result
+    (degenerate rows included) without data-dependent control flow in its graph."""
+    op = _RotationFamily()
+    op._variant = Variant(m=m, lo=lo, hi=hi, u=u, tangent=tangent, reflect=reflect)
+    return op._vjp(g, z, q)
+
+
+@_rotation_family_vjp.register_fake
+def _(g, z, q, m, lo, hi, u, tangent, reflect):
+    return torch.empty_like(g)
+
+
+class _RotationFamily(JacobianSurrogate):
+    """Shared machinery of the rotation family: a subclass only sets ``self.variant``.
+
+    The degenerate-``z`` fallback ``G = I`` and the routing of rows between the span
+    form and the float64 plane form are applied here, once, for every variant.
+    """
+
+    variant = property(lambda self: self._variant, doc="The :class:`Variant` this operator evaluates.")
 
     def _precise(self, g, z, q, eps_in):
+        """The float64 plane form on rows ``(n, d)``; returned in the dtype of ``g``."""
         plane = _Plane(z, q, eps_in)
         g64 = g.double()
         lam = plane.nq / torch.where(plane.z_degenerate, 1.0, plane.nz)
-        out = self._combine(lam, plane.e1, g64, self._transform(plane, g64))
+        tg = plane.reflect(g64) if self.variant.reflect else plane.rotate_transpose(g64)
+        out = self.variant.combine(lam, plane.e1, g64, tg)
         return torch.where(plane.z_degenerate, g64, out).to(g.dtype)
 
-    def _fast_path_ok(self, c):
-        return (1 + c) >= _FAST_PATH_MIN_ONE_PLUS_COS
-
-    def _apply(self, g, z, q, input_dtype):
-        return self.apply_transpose(g, z, q, eps_in=input_eps(input_dtype))
+    def _vjp(self, g, z, q):
+        if torch.compiler.is_compiling():
+            # traced into a caller's graph (torch.compile(fn, fullgraph=True)): the backward is
+            # one opaque operator, so no data-dependent branch is traced; it runs the code below
+            v = self.variant
+            return _rotation_family_vjp(g, z, q, v.m, v.lo, v.hi, v.u, v.tangent, v.reflect)
+        d = z.shape[-1]
+        lead = z.shape[:-1]
+        g2, z2, q2 = g.reshape(-1, d), z.reshape(-1, d), q.reshape(-1, d)  # (n, d), views when possible
+        n = z2.shape[0]
+        cd = compute_dtype(z.dtype)
+        eps_in = input_eps(z.dtype)
+        if get_backend() == "compiled" and not self.variant.reflect and n >= 2 and d >= 2:
+            result = backend_compiled(_span_kernel, g2.contiguous(), z2.contiguous(), q2.contiguous(),
+                                      self.variant.params(cd, z.device), eps_in)
+            if result is not None:  # None: compilation failed, the backend is eager again
+                out, healthy = result
+                if not bool(healthy.all()):
+                    bad = (~healthy).nonzero().squeeze(-1)
+                    out[bad] = self._precise(g2[bad].to(cd), z2[bad].to(cd), q2[bad].to(cd), eps_in).to(g.dtype)
+                return out.reshape(*lead, d)
+        out = self.apply_transpose(g2.to(cd), z2.to(cd), q2.to(cd), eps_in=eps_in)
+        return out.to(g.dtype).reshape(*lead, d)
 
     def apply_transpose(self, g, z, q, eps_in=None):
-        """``G^T g``; ``eps_in`` is the machine epsilon of the caller's dtype (default: of ``z``).
+        """``G^T g`` in the eager backend; ``eps_in`` is the machine epsilon of the
+        caller's dtype (default: of ``z``).
 
         Fast path, row by row: ``G^T g = α g + β z + γ q`` with per-row scalars built
         from five inner products (``|z|``, ``|q|``, ``z·q``, ``z·g``, ``q·g``), since
@@ -288,7 +444,7 @@ class _RotationFamily(JacobianSurrogate):
         lead = z.shape[:-1]
         g2, z2, q2 = g.reshape(-1, d), z.reshape(-1, d), q.reshape(-1, d)  # (n, d), views when possible
         n = z2.shape[0]
-        if not self._has_fast_path:
+        if self.variant.reflect:
             return self._precise(g2, z2, q2, eps_in).reshape(*lead, d) if n else g2.clone().reshape(*lead, d)
         out = torch.empty((n, d), dtype=g2.dtype, device=g2.device)
         stats = torch.empty((3, n), dtype=g2.dtype, device=g2.device)  # |z|, |q|, cos θ per row
@@ -298,24 +454,16 @@ class _RotationFamily(JacobianSurrogate):
             self._fast_chunk(g2[start:stop], z2[start:stop], q2[start:stop], out[start:stop],
                              stats[:, start:stop])
         nz, nq, c = stats
-        tiny = torch.finfo(stats.dtype).tiny
-        nz2, nq2 = nz * nz, nq * nq
-        # healthy: squared norms neither under- nor overflow, θ ≤ 120°, z not degenerate
-        healthy = (nz2 >= tiny) & (nq2 >= tiny) & torch.isfinite(nz2 + nq2) & self._fast_path_ok(c)
-        healthy &= nz > eps_in * nq
+        healthy = _healthy(nz, nq, c, eps_in)
         if n and not bool(healthy.all()):
             bad = (~healthy).nonzero().squeeze(-1)
             out[bad] = self._precise(g2[bad], z2[bad], q2[bad], eps_in)
         return out.reshape(*lead, d)
 
     def _fast_chunk(self, g, z, q, out, stats):
-        """Fast path on rows ``(m, d)``: write ``G^T g`` into ``out``, ``|z|, |q|, cos θ`` into ``stats`` (3, m).
-
-        ``R^T g = g + (2a - k) ẑ - k q̂`` with ``a = q̂·g``, ``b = ẑ·g``,
-        ``k = (a + b)/(1 + c)``; the subclass turns this into the coefficients of
-        ``g``, ``ẑ``, ``q̂`` (:meth:`_fast_coefficients`). Unhealthy rows may hold
-        inf/NaN here; the caller overwrites them.
-        """
+        """Eager span form on rows ``(m, d)``: write ``G^T g`` into ``out``, ``|z|, |q|, cos θ``
+        into ``stats`` (3, m). Unhealthy rows may hold inf/NaN here; the caller overwrites them."""
+        v = self.variant
         nz = torch.linalg.vector_norm(z, dim=-1)  # (m,); measured faster than with out=
         nq = torch.linalg.vector_norm(q, dim=-1)
         zq = torch.mul(z, q, out=out).sum(-1)  # `out` is scratch space until the combine
@@ -327,35 +475,34 @@ class _RotationFamily(JacobianSurrogate):
         c = torch.mul(zq * inz, inq, out=stats[2])  # cos θ = z·q / (|z| |q|)
         a = qg.mul_(inq)  # q̂·g
         k = torch.addcmul(a, zg, inz).div_(c + 1)  # (q̂·g + ẑ·g) / (1 + c)
-        alpha, czh, cqh = self._fast_coefficients(nq * inz, a, k)
+        s = _scale(nq * inz, v.m, v.lo, v.hi)
+        alpha, czh, cqh = _span_coefficients(s, v.u, float(v.tangent), a, k)
         torch.mul(g, alpha.unsqueeze(-1), out=out)  # G^T g = α g + (c_ẑ/|z|) z + (c_q̂/|q|) q
         out.addcmul_(z, (czh * inz).unsqueeze(-1))
         out.addcmul_(q, (cqh * inq).unsqueeze(-1))
 
-    def _fast_coefficients(self, lam, a, k):  # pragma: no cover - abstract
-        """Per-row ``(α, c_ẑ, c_q̂)`` with ``G^T g = α g + c_ẑ ẑ + c_q̂ q̂`` (shapes ``(m,)``),
-        given ``λ = |q|/|z|``, ``a = q̂·g`` and ``k``; ``R^T g`` itself is ``(1, 2a - k, -k)``."""
-        raise NotImplementedError
+
+def _check_scale_flag(scale):
+    if not isinstance(scale, bool):
+        raise TypeError(f"scale must be a bool, got {type(scale).__name__}")
+    return scale
+
+
+_UNSCALED = {"lo": 1.0, "hi": 1.0}  # clip(λ, 1, 1) = 1: the scale dropped
 
 
 class Rotation(_RotationFamily):
     r"""The rotation trick: ``G = (|q|/|z|) R`` (Fifty et al. 2024), or ``G = R`` with
     ``scale=False`` ("norm-decoupled" rotation, Su 2024 §11.1).
 
-    Backward: ``G^T g = (|q|/|z|) R^T g``. ``G z = q`` exactly in exact arithmetic.
+    Implements :eq:`rot-G` of :ref:`ch-rotation`. Backward: ``G^T g = (|q|/|z|) R^T g``.
+    ``G z = q`` exactly in exact arithmetic.
     """
 
     def __init__(self, scale: bool = True):
-        if not isinstance(scale, bool):
-            raise TypeError(f"scale must be a bool, got {type(scale).__name__}")
-        self.scale = scale
+        self.scale = _check_scale_flag(scale)
+        self._variant = Variant() if scale else Variant(**_UNSCALED)
 
-    def _combine(self, lam, e1, g, rtg):
-        return lam * rtg if self.scale else rtg
-
-    def _fast_coefficients(self, lam, a, k):
-        s = lam if self.scale else torch.ones_like(lam)
-        return s, s * (2 * a - k), -s * k
 
 
 class ClippedRotation(_RotationFamily):
@@ -367,13 +514,8 @@ class ClippedRotation(_RotationFamily):
         if not (math.isfinite(lo) and math.isfinite(hi)) or lo < 0 or lo > hi:
             raise ValueError(f"ClippedRotation needs finite 0 <= lo <= hi; got lo={lo}, hi={hi}")
         self.lo, self.hi = lo, hi
+        self._variant = Variant(lo=lo, hi=hi)
 
-    def _combine(self, lam, e1, g, rtg):
-        return lam.clamp(self.lo, self.hi) * rtg
-
-    def _fast_coefficients(self, lam, a, k):
-        s = lam.clamp(self.lo, self.hi)
-        return s, s * (2 * a - k), -s * k
 
 
 class InterpolatedRotation(_RotationFamily):
@@ -385,13 +527,8 @@ class InterpolatedRotation(_RotationFamily):
         if not (0.0 <= t <= 1.0):
             raise ValueError(f"InterpolatedRotation needs 0 <= t <= 1; got t={t}")
         self.t = t
+        self._variant = Variant(m=t, u=1 - t)
 
-    def _combine(self, lam, e1, g, rtg):
-        return self.t * lam * rtg + (1 - self.t) * g
-
-    def _fast_coefficients(self, lam, a, k):
-        s = self.t * lam
-        return s + (1 - self.t), s * (2 * a - k), -s * k
 
 
 class TangentRotation(_RotationFamily):
@@ -403,42 +540,23 @@ class TangentRotation(_RotationFamily):
     """
 
     def __init__(self, scale: bool = True):
-        if not isinstance(scale, bool):
-            raise TypeError(f"scale must be a bool, got {type(scale).__name__}")
-        self.scale = scale
+        self.scale = _check_scale_flag(scale)
+        self._variant = Variant(tangent=True) if scale else Variant(tangent=True, **_UNSCALED)
 
-    def _combine(self, lam, e1, g, rtg):
-        tangent = rtg - _dot(e1, rtg) * e1
-        return lam * tangent if self.scale else tangent
-
-    def _fast_coefficients(self, lam, a, k):
-        # ẑ·(R^T g) = b + 2a - k(1 + c) = a, so the tangent part is g + (a - k) ẑ - k q̂
-        s = lam if self.scale else torch.ones_like(lam)
-        return s, s * (a - k), -s * k
 
 
 class Householder(_RotationFamily):
     r"""The Householder reflection taking ``ẑ`` to ``q̂``: ``G = (|q|/|z|) H`` with
     ``H = I - 2vvᵀ``, ``v = (ẑ - q̂)/|ẑ - q̂|`` (``scale=False``: ``G = H``).
 
-    ``H`` is symmetric, so ``G^T g = (|q|/|z|) H g``. Fifty et al. (2024) report that a
-    single reflection trains worse than the rotation. Computed in the float64 plane form
-    on every row: near ``θ = 0`` (the common case in VQ) the textbook ``v`` is a ratio of
-    vanishing quantities.
+    Implements :eq:`rot-householder` of :ref:`ch-rotation`. ``H`` is symmetric, so
+    ``G^T g = (|q|/|z|) H g``. Fifty et al. (2024) report that a single reflection trains
+    worse than the rotation. Computed in the float64 plane form on every row (under
+    both backends): near ``θ = 0`` (the common case in VQ) the textbook ``v`` is a ratio
+    of vanishing quantities.
     """
 
     def __init__(self, scale: bool = True):
-        if not isinstance(scale, bool):
-            raise TypeError(f"scale must be a bool, got {type(scale).__name__}")
-        self.scale = scale
+        self.scale = _check_scale_flag(scale)
+        self._variant = Variant(reflect=True) if scale else Variant(reflect=True, **_UNSCALED)
 
-    _has_fast_path = False  # every row through the float64 plane form
-
-    def _fast_path_ok(self, c):
-        return torch.zeros_like(c, dtype=torch.bool)
-
-    def _transform(self, plane, g):
-        return plane.reflect(g)
-
-    def _combine(self, lam, e1, g, rtg):
-        return lam * rtg if self.scale else rtg

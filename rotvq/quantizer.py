@@ -1,10 +1,14 @@
-"""A vector-quantisation layer with a choice of gradient estimator.
+"""A vector-quantisation layer with a choice of gradient estimator, ready for real training.
 
-:class:`VectorQuantizer` maps channel-last encoder outputs ``z`` of shape
-``(..., D)`` to their nearest codes ``q`` in a learned codebook of ``K`` codes and
-returns ``z_q``, whose forward value is exactly ``q`` and whose backward pass is
-given by a gradient estimator: the straight-through estimator (STE) or one of
-the Jacobian surrogates of :mod:`rotvq.operators`, the rotation trick by default.
+:class:`VectorQuantizer` maps encoder outputs (channel-last ``(..., D)``, or
+channel-first feature maps ``(B, D, *spatial)``) to their nearest codes ``q`` in a
+learned codebook of ``K`` codes and returns ``z_q``, whose forward value is exactly
+``q`` and whose backward pass is given by a gradient estimator: the
+straight-through estimator (STE) or one of the Jacobian surrogates of
+:mod:`rotvq.operators`, the rotation trick by default. It keeps its state
+identical on every data-parallel rank (:mod:`rotvq.distributed`), accepts masks of
+padded positions, refuses non-finite batches before they can touch the codebook,
+and compiles with ``torch.compile(fullgraph=True)`` once initialised.
 
 Loss convention. The source text (Su Jianlin, "VQ的旋转技巧", 2024, eq. in
 section 回顾) writes the VQ-VAE loss as::
@@ -14,10 +18,11 @@ section 回顾) writes the VQ-VAE loss as::
 so **beta weighs the codebook term** ``|q - sg[z]|^2`` (it moves the codes) and
 **gamma weighs the commitment term** ``|z - sg[q]|^2`` (it moves the encoder).
 This module follows that convention: ``codebook_weight`` is beta (default 1.0)
-and ``commitment_weight`` is gamma (default 0.25). Note that van den Oord et al.
-(2017, eq. 3) use the opposite naming: their ``beta`` (0.25) weighs the
-commitment term and the codebook term has weight 1. Both terms are mean squared
-errors over all ``N * D`` entries (``F.mse_loss`` style).
+and ``commitment_weight`` is gamma (default 0.25), as in :eq:`scale-loss` of
+:ref:`ch-scaling`. Note that van den Oord et al. (2017, eq. 3) use the opposite
+naming: their ``beta`` (0.25) weighs the commitment term and the codebook term has
+weight 1. Both terms are mean squared errors over all ``N * D`` entries of the
+(unmasked) batch.
 
 References:
     van den Oord, Vinyals, Kavukcuoglu, "Neural Discrete Representation
@@ -26,99 +31,184 @@ References:
     Razavi, van den Oord, Vinyals, "Generating Diverse High-Fidelity Images with
     VQ-VAE-2", NeurIPS 2019, arXiv 1906.00446 (EMA codebook updates).
     Fifty et al., "Restructuring Vector Quantization with the Rotation Trick",
-    2024, arXiv 2410.06424 (the rotation trick).
+    2024, arXiv 2410.06424 (the rotation trick; l2-normalised cosine VQ).
     Su Jianlin, "VQ的旋转技巧：梯度直通估计的一般推广", Scientific Spaces, 2024
-    (k-means initialisation as the remedy for |q| << |z|).
+    (k-means initialisation as the remedy for ``|q| << |z|``).
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .estimators import SURROGATE_NAMES, apply_estimator
+from . import distributed as D_
+from ._checks import at_least_float32, check_nonnegative_int, check_positive_int, generator_device
+from ._codebook_state import DEAD_CODE_PATIENCE, CodebookState, compiling
+from .estimators import SURROGATE_NAMES, _apply, get_surrogate
 from .kmeans import kmeans
 from .operators import JacobianSurrogate
 from .search import DEFAULT_MEMORY_BUDGET, DISTANCES, nearest_code
 
-__all__ = ["INITS", "VQOutput", "VectorQuantizer"]
+__all__ = ["INITS", "METRIC_NAMES", "DEAD_CODE_PATIENCE", "VQOutput", "VectorQuantizer"]
 
 INITS = ("normal", "uniform", "kmeans")
+#: Keys of :meth:`VQOutput.metrics`, in order.
+METRIC_NAMES = ("loss", "codebook_loss", "commitment_loss", "usage", "perplexity", "z_norm", "q_norm",
+                "quantization_error")
 
 
 class VQOutput(NamedTuple):
-    """Result of :meth:`VectorQuantizer.forward` (N = number of input vectors)."""
+    """Result of :meth:`VectorQuantizer.forward` (N = number of real, unmasked input vectors).
 
-    quantized: torch.Tensor  # (..., D) input dtype; forward value == codebook[indices]
-    indices: torch.Tensor  # (...) int64, the input's leading shape
+    ``loss`` and the two loss terms are this process's (they carry the gradients
+    that DDP averages); ``usage``, ``perplexity``, ``z_norm``, ``q_norm`` and
+    ``quantization_error`` are statistics of the global batch (all ranks) in
+    training mode with synchronisation, of the local batch otherwise.
+    """
+
+    quantized: torch.Tensor  # input layout and dtype; forward value == codes[indices]
+    indices: torch.Tensor  # (B, *spatial) or (...): int64, the input's leading shape
     loss: torch.Tensor  # () beta * codebook_loss + gamma * commitment_loss (no codebook term with EMA)
     codebook_loss: torch.Tensor  # () mean over N*D entries of (q - sg[z])^2; gradient to the codebook only
     commitment_loss: torch.Tensor  # () mean over N*D entries of (z - sg[q])^2; gradient to z only
     usage: torch.Tensor  # () fraction of the K codes chosen at least once in the batch
     perplexity: torch.Tensor  # () exp(entropy of the batch's code histogram), in [1, K]
-    z_norm: torch.Tensor  # () mean |z| over the N vectors
+    z_norm: torch.Tensor  # () mean |z| over the N vectors (before any normalisation)
     q_norm: torch.Tensor  # () mean |q| over the N vectors
-    quantization_error: torch.Tensor  # () mean over N of |z - q|^2 (summed over D)
+    quantization_error: torch.Tensor  # () mean over N of |z - q|^2 (summed over D; normalised z for cosine)
+
+    def metrics(self) -> dict[str, float]:
+        """The scalar fields as python floats, keys :data:`METRIC_NAMES`, in one host transfer."""
+        values = torch.stack([getattr(self, name).detach().double() for name in METRIC_NAMES]).tolist()
+        return dict(zip(METRIC_NAMES, values))
 
 
-def _gen_device(generator: torch.Generator | None, fallback: torch.device) -> torch.device:
-    return generator.device if generator is not None else fallback
-
-
-class VectorQuantizer(nn.Module):
+class VectorQuantizer(CodebookState, nn.Module):
     """Nearest-code vector quantiser with a pluggable gradient estimator.
 
     Args:
         dim: D, the code dimension (>= 1).
         codebook_size: K, the number of codes (>= 1).
         estimator: gradient estimator, ``"ste"``, ``"rotation"`` or any name in
-            :data:`rotvq.SURROGATE_NAMES`, or a :class:`rotvq.JacobianSurrogate`.
-        distance: ``"euclidean"`` (nearest code) or ``"cosine"`` (code with the
-            largest cosine similarity). In both modes ``quantized`` is the chosen
-            code itself, unnormalised, so its forward value is ``codebook[indices]``.
+            :data:`rotvq.SURROGATE_NAMES`, or a :class:`rotvq.JacobianSurrogate`;
+            resolved to an operator once, here.
+        distance: ``"euclidean"`` or ``"cosine"``. Cosine VQ is l2-normalised
+            throughout: encoder outputs and codes are normalised before the search,
+            the estimator sees the normalised pair (so the rotation trick's
+            ``|q|/|z|`` is 1), ``quantized`` and ``get_codes_from_indices`` return
+            unit codes, the losses compare unit vectors, the EMA update averages
+            unit vectors and renormalises, dead codes are replaced by normalised
+            encoder outputs, and the k-means init is spherical k-means.
+        channel_first: layout of the input. ``False``: channel-last ``(..., D)``.
+            ``True``: ``(B, D, *spatial)`` (conv feature maps, audio, video);
+            ``quantized`` keeps that layout and ``indices`` is ``(B, *spatial)``.
+            ``None`` (default): 1-D and 2-D inputs are ``(..., D)``; a 3-D input is
+            ``(B, T, D)`` unless ``shape[1] == D`` too, which is ambiguous and raises;
+            a 4-D or larger input raises. Why: a 4-D tensor in torch is almost always
+            a channel-first feature map, and guessing the channel axis from sizes is
+            exactly how ``VectorQuantizer(16, 64)(torch.randn(2, 16, 16, 16))`` used to
+            quantise along the width without a word. Stating the layout once, at
+            construction, makes that mistake impossible to make silently. A sequence
+            model whose length can equal ``D`` passes ``channel_first=False``: with
+            ``None`` such a batch raises, mid-training if it comes late.
         codebook_weight: beta, weight of the codebook term (>= 0, default 1.0).
         commitment_weight: gamma, weight of the commitment term (>= 0, default 0.25).
         ema: learn the codebook by exponential moving averages of cluster sizes
-            and sums (the codebook is then a buffer, updated in training mode only,
-            and the codebook term is left out of ``loss``) instead of by gradient
-            of the codebook term (the codebook is then an ``nn.Parameter``).
-        decay: EMA decay in (0, 1), used for the EMA codebook and for the
-            ``cluster_size`` buffer (EMA of per-batch code counts) in both modes.
+            and sums (a buffer, updated in training mode only; the codebook term is
+            left out of ``loss``) instead of by gradient (an ``nn.Parameter``).
+        decay: EMA decay in (0, 1), for the EMA codebook and ``cluster_size``.
         eps: Laplace smoothing constant of the EMA cluster sizes (> 0).
-        init: ``"normal"`` (std ``init_scale``), ``"uniform"`` (on
-            ``[-init_scale, init_scale]``), or ``"kmeans"``: k-means with k-means++
-            seeding on the first training batch (at most ``kmeans_max_points``
-            vectors of it, drawn at random); until then the codebook holds a
-            normal(0, ``init_scale``) placeholder, which eval-mode calls use as is.
-        init_scale: std / half-width of the random init (> 0); make it small to
-            start with codes much shorter than the encoder outputs.
+        init: ``"kmeans"`` (default): k-means (k-means++ seeding; spherical for
+            cosine) on the first training batch, at most ``kmeans_max_points``
+            vectors of it, gathered from all ranks. It is the default because it is
+            the only choice that works at every data scale and codebook size: codes
+            start where the data is, ``|q|/|z| ≈ 0.98`` against 0.08 for small
+            random codes in :ref:`ch-scaling`, where random codes of the wrong
+            scale leave codes idle (with the STE, a third of them). Until the first
+            training batch the codebook holds a normal(0, ``init_scale``)
+            placeholder, which eval-mode calls use as is. ``"normal"`` (std
+            ``init_scale``) and ``"uniform"`` (on ``[-init_scale, init_scale]``)
+            draw the codes at construction.
+        init_scale: std / half-width of the random init and placeholder (> 0).
         kmeans_iters: Lloyd iterations for ``init="kmeans"`` (>= 0).
-        kmeans_max_points: most batch vectors used by the k-means init (>= 1).
-        dead_code_threshold: in training mode, codes whose ``cluster_size`` falls
-            below this value are replaced by random encoder outputs of the current
-            batch (0, the default, turns this off).
-        memory_budget: bytes per chunk of the nearest-code search.
-        generator: optional ``torch.Generator`` for the random init, the k-means
-            init and dead-code resets (``None``: torch's global generator).
+        kmeans_max_points: most batch vectors (all ranks together) the k-means init uses (>= 1).
+        dead_code_threshold: ``None`` (default): automatic. A code is dead once
+            ``DEAD_CODE_PATIENCE * K`` = ``16 K`` vectors in a row (over steps and
+            ranks) were assigned to other codes; a code with its fair share ``1/K``
+            of the data survives such a gap with probability ``1 - e^-16``. The unit
+            is the expected count, so the rule is the same at any ``K`` and batch
+            size, and it acts early: a code unused from the start is replaced after
+            ``16 K / N`` steps (N vectors per step), where a threshold on
+            ``cluster_size`` (EMA from 1 with decay 0.99) could not fire before step
+            69. A float ``> 0``: the classic rule, ``cluster_size < threshold``. 0:
+            never. Dead codes are replaced by the batch vectors that the current
+            codebook serves worst (largest ``|z - q|^2``, from all ranks), which is
+            deterministic, identical on all ranks, and compiles. On by default
+            because idle codes are the failure :ref:`ch-scaling` measures (the STE
+            with small codes leaves a third of them unused for good); measured here
+            (tests/test_quantizer.py), a never-chosen code of K = 64 is replaced at
+            step 1 with N = 1024 and at step 4 with N = 256 vectors per step.
+        memory_budget: bytes per chunk of the (eager) nearest-code search.
+        sync: keep the state identical on all ranks of ``process_group`` in training
+            mode (default ``True``; no effect without ``torch.distributed``).
+            Eval-mode calls run no collective, so evaluating on one rank is safe.
+        process_group: the group to synchronise over (``None``: the default group).
+        generator: optional ``torch.Generator`` for the random init and the
+            k-means init (``None``: torch's global generator).
+
+    Several processes. With ``sync=True`` the per-code counts and sums of each
+    training batch are summed over ranks before the EMA and dead-code updates, the
+    k-means init runs on rank 0 of the group from a sample of every rank's batch
+    and is broadcast, and dead codes are replaced from candidates of every rank.
+    The state is then identical on every rank and the EMA state equals, up to
+    floating-point summation order, that of one process fed all ranks' batches.
+    Every training call runs the same collectives with the same shapes on every
+    rank (one ``all_reduce``, plus one ``all_gather`` when dead codes are on), so
+    an empty or fully masked batch on one rank cannot hang the others. Under DDP,
+    the per-forward buffer broadcast (``broadcast_buffers=True``, called
+    ``forward_sync_buffers`` in newer torch) is harmless, because the buffers are
+    already equal on all ranks, and turning it off saves one broadcast per step;
+    both are tested. (Without ``sync`` that broadcast would only hide divergence:
+    rank 0's EMA state would overwrite the others'.) The first training call (and
+    the first after ``load_state_dict``) broadcasts rank 0's whole state, then runs
+    the k-means init if rank 0's ``initialized`` is false: loading a checkpoint on
+    rank 0 only is enough. What the layer cannot check without a collective of its
+    own, and the caller must keep equal on every rank: the constructor arguments,
+    the mode (``train()``/``eval()``: a rank in training mode waits for the others
+    in its collectives), the input dtype (the reduced tensors are in
+    ``promote(codebook dtype, input dtype, float32)``), and calling
+    ``load_state_dict`` on all ranks or none. An argument error (wrong shape,
+    dtype or mask) raises on that rank before any collective; the other ranks then
+    block in the step's ``all_reduce`` until the process group's timeout.
+
+    Bad batches. An input with NaN or inf in an unmasked row raises
+    ``ValueError`` (how many rows, the first index) before any state change. The
+    check costs one ``isfinite`` reduction over the input (one read of ``z``) and
+    one host synchronisation per call. With synchronisation, the count is summed
+    over ranks first, so every rank raises together. Under ``torch.compile`` no
+    exception can be raised from data: there a bad batch leaves the whole state
+    unchanged (every update is gated by the check) and the outputs are NaN.
     """
 
     def __init__(self, dim: int, codebook_size: int, *, estimator: str | JacobianSurrogate = "rotation",
-                 distance: str = "euclidean", codebook_weight: float = 1.0,
-                 commitment_weight: float = 0.25, ema: bool = False, decay: float = 0.99,
-                 eps: float = 1e-5, init: str = "normal", init_scale: float = 1.0,
+                 distance: str = "euclidean", channel_first: bool | None = None,
+                 codebook_weight: float = 1.0, commitment_weight: float = 0.25, ema: bool = False,
+                 decay: float = 0.99, eps: float = 1e-5, init: str = "kmeans", init_scale: float = 1.0,
                  kmeans_iters: int = 10, kmeans_max_points: int = 65536,
-                 dead_code_threshold: float = 0.0, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                 generator: torch.Generator | None = None) -> None:
-        super().__init__()
+                 dead_code_threshold: float | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                 sync: bool = True, process_group=None, generator: torch.Generator | None = None) -> None:
+        nn.Module.__init__(self)
         for name, value in (("dim", dim), ("codebook_size", codebook_size),
                             ("kmeans_max_points", kmeans_max_points), ("memory_budget", memory_budget)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            check_positive_int(name, value)
+        check_nonnegative_int("kmeans_iters", kmeans_iters)
         checks = (("codebook_weight", codebook_weight >= 0), ("commitment_weight", commitment_weight >= 0),
                   ("decay", 0 < decay < 1), ("eps", eps > 0), ("init_scale", init_scale > 0),
-                  ("kmeans_iters", kmeans_iters >= 0), ("dead_code_threshold", dead_code_threshold >= 0))
+                  ("dead_code_threshold", dead_code_threshold is None or dead_code_threshold >= 0))
         for name, ok in checks:
             if not ok:
                 raise ValueError(f"invalid {name}={locals()[name]!r} (weights, iters and threshold "
@@ -127,189 +217,257 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"unknown distance {distance!r}; valid: {', '.join(DISTANCES)}")
         if init not in INITS:
             raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
+        if channel_first not in (None, True, False):
+            raise TypeError(f"channel_first must be True, False or None, got {channel_first!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        self.estimator = self._check_estimator(estimator)
+        self.estimator = estimator
+        self._op = self._resolve_estimator(estimator)  # resolved once: forward only applies it
         self.dim, self.codebook_size, self.distance, self.ema = dim, codebook_size, distance, bool(ema)
+        self.channel_first = channel_first
         self.codebook_weight, self.commitment_weight = float(codebook_weight), float(commitment_weight)
         self.decay, self.eps, self.init, self.init_scale = float(decay), float(eps), init, float(init_scale)
         self.kmeans_iters, self.kmeans_max_points = kmeans_iters, kmeans_max_points
-        self.dead_code_threshold, self.memory_budget = float(dead_code_threshold), memory_budget
+        self.dead_code_threshold = None if dead_code_threshold is None else float(dead_code_threshold)
+        self.memory_budget, self.sync, self.process_group = memory_budget, bool(sync), process_group
         self.generator = generator
-
-        weight = torch.empty(codebook_size, dim, device=_gen_device(generator, torch.device("cpu")))
-        if init == "uniform":
-            weight.uniform_(-init_scale, init_scale, generator=generator)
-        else:  # "normal", and the placeholder of "kmeans"
-            weight.normal_(0.0, init_scale, generator=generator)
-        weight = weight.cpu()
-        if self.ema:
-            self.register_buffer("embedding", weight)
-            # one pseudo-observation at each code: embed_sum / cluster_size == codebook
-            self.register_buffer("embed_sum", weight.clone())
-        else:
-            self.embedding = nn.Parameter(weight)
-        self.register_buffer("cluster_size", torch.ones(codebook_size))
-        self.register_buffer("initialized", torch.tensor(init != "kmeans"))
+        self._init_state()
 
     @staticmethod
-    def _check_estimator(estimator: str | JacobianSurrogate) -> str | JacobianSurrogate:
+    def _resolve_estimator(estimator: str | JacobianSurrogate) -> JacobianSurrogate:
         if isinstance(estimator, JacobianSurrogate):
             return estimator
         if isinstance(estimator, str):
             if estimator not in SURROGATE_NAMES:
                 raise ValueError(f"unknown estimator {estimator!r}; valid: {', '.join(SURROGATE_NAMES)} "
                                  "or a rotvq.JacobianSurrogate")
-            return estimator
+            return get_surrogate(estimator)
         raise TypeError(f"estimator must be a name or a JacobianSurrogate, got {type(estimator).__name__}")
-
-    @property
-    def codebook(self) -> torch.Tensor:
-        """The codes, shape ``(K, D)``: an ``nn.Parameter``, or a buffer with ``ema=True``."""
-        return self.embedding
 
     def extra_repr(self) -> str:
         est = self.estimator if isinstance(self.estimator, str) else type(self.estimator).__name__
         return (f"dim={self.dim}, codebook_size={self.codebook_size}, estimator={est!r}, "
-                f"distance={self.distance!r}, ema={self.ema}, init={self.init!r}")
+                f"distance={self.distance!r}, channel_first={self.channel_first}, ema={self.ema}, "
+                f"init={self.init!r}")
 
-    def forward(self, z: torch.Tensor) -> VQOutput:
-        """Quantise ``z`` and compute the VQ losses and batch statistics.
+    # ------------------------------------------------------------------ layout
 
-        In training mode this also runs the k-means init (first batch), the EMA
-        codebook update and dead-code resets, all *after* choosing the codes:
-        ``quantized`` holds the codes as they were before this call's update.
-        An empty batch returns empty tensors, zero losses, usage 0, perplexity 1
-        and updates nothing.
+    def _channel_first_for(self, z: torch.Tensor) -> bool:
+        if self.channel_first is not None:
+            return self.channel_first
+        if z.dim() >= 4:
+            raise ValueError(f"input of shape {tuple(z.shape)} has {z.dim()} dimensions: pass "
+                             "channel_first=True for (B, C, *spatial) feature maps or channel_first=False "
+                             "for (..., C) when constructing the VectorQuantizer (the layout is not "
+                             "guessed from sizes)")
+        if z.dim() == 3 and z.shape[1] == self.dim == z.shape[2]:
+            raise ValueError(f"input of shape {tuple(z.shape)} is ambiguous: both axis 1 and axis 2 have "
+                             f"size dim={self.dim}; pass channel_first=True or False at construction "
+                             "(channel_first=False for (B, T, D) sequences whose length may equal dim)")
+        return False
 
-        Args:
-            z: encoder outputs, shape ``(..., D)``, floating point (float16 and
-                bfloat16 allowed: the search runs in float32, and the chosen codes
-                are cast to ``z.dtype`` *before* the estimator, so the forward
-                value is exactly the code rounded to the input dtype).
-
-        Returns:
-            :class:`VQOutput`; ``quantized`` has the shape and dtype of ``z``,
-            ``indices`` the shape ``z.shape[:-1]``, the rest are scalars.
-        """
+    def _to_rows(self, z: object) -> tuple[torch.Tensor, bool, torch.Size]:
+        """``(flat (N, D), channel_first, leading shape)`` of a validated input."""
         if not isinstance(z, torch.Tensor) or not torch.is_floating_point(z):
             raise TypeError(f"input must be a floating-point tensor, got "
                             f"{z.dtype if isinstance(z, torch.Tensor) else type(z).__name__}")
-        if z.dim() < 1 or z.shape[-1] != self.dim:
-            raise ValueError(f"input's last dimension must be dim={self.dim}, got shape {tuple(z.shape)}")
-        lead = z.shape[:-1]
-        flat = z.reshape(-1, self.dim)  # (N, D)
-        n = flat.shape[0]
-        if self.training and n > 0 and not bool(self.initialized):
-            self._init_from_batch(flat.detach())
+        cf = self._channel_first_for(z)
+        axis = 1 if cf else -1
+        if z.dim() < (2 if cf else 1) or z.shape[axis] != self.dim:
+            where = "axis 1 (channel_first=True)" if cf else "last axis"
+            hint = ""
+            if not cf and z.dim() >= 2 and z.shape[1] == self.dim:
+                hint = "; for a channel-first (B, C, *spatial) input construct the layer with channel_first=True"
+            raise ValueError(f"the input's {where} must have size dim={self.dim}, got shape "
+                             f"{tuple(z.shape)}{hint}")
+        if z.device != self.embedding.device:  # before the k-means init could copy CPU codes into a GPU layer
+            raise ValueError(f"input is on {z.device}, the codebook on {self.embedding.device}")
+        zl = z.movedim(1, -1) if cf else z  # (..., D)
+        return zl.reshape(-1, self.dim), cf, zl.shape[:-1]
 
-        indices = nearest_code(flat.detach(), self.embedding.detach(), distance=self.distance,
-                               memory_budget=self.memory_budget)  # (N,) int64, no gradient
-        codes = self.embedding[indices]  # (N, D) codebook dtype; carries the codebook's gradient
-        q = codes.detach().to(z.dtype)  # (N, D) chosen codes in the input dtype, no gradient
-        # gradient estimator: forward value exactly q; backward maps dL/dz_q to z through the
-        # surrogate Jacobian (STE, rotation trick, ...); q itself gets no gradient here
-        z_q = apply_estimator(flat, q, self.estimator)  # (N, D)
+    def _from_rows(self, rows: torch.Tensor, cf: bool, lead: torch.Size) -> torch.Tensor:
+        out = rows.reshape(*lead, rows.shape[-1])
+        return out.movedim(-1, 1) if cf else out
 
-        acc = torch.promote_types(torch.promote_types(codes.dtype, z.dtype), torch.float32)
-        entries = max(n * self.dim, 1)
-        codebook_loss = (codes.to(acc) - flat.detach().to(acc)).pow(2).sum() / entries
-        commitment_loss = (flat.to(acc) - codes.detach().to(acc)).pow(2).sum() / entries
+    def _check_mask(self, mask: object, lead: torch.Size, z: torch.Tensor) -> torch.Tensor | None:
+        if mask is None:
+            return None
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor (True = real data), got "
+                            f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+        if mask.shape != lead:
+            raise ValueError(f"mask must have the input's leading shape {tuple(lead)} (no channel axis), "
+                             f"got {tuple(mask.shape)}")
+        if mask.device != z.device:
+            raise ValueError(f"mask is on {mask.device}, input on {z.device}")
+        return mask.reshape(-1)
+
+    def get_codes_from_indices(self, indices: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The codes of ``indices`` in the layer's layout.
+
+        Args:
+            indices: int64 ``(B, *spatial)`` (channel-first) or ``(...)``, values in ``[0, K)``.
+            dtype: output dtype (default: the codebook's); pass the input's dtype to
+                get, in eval mode, exactly the ``quantized`` of the call that produced
+                ``indices`` (bitwise).
+
+        Returns:
+            ``(B, D, *spatial)`` with ``channel_first=True``, else ``(..., D)``; unit
+            codes for cosine distance.
+        """
+        if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"indices must be an int64 or int32 tensor, got "
+                            f"{indices.dtype if isinstance(indices, torch.Tensor) else type(indices).__name__}")
+        if not compiling() and indices.numel():  # negative indices would wrap around silently
+            low, high = int(indices.min()), int(indices.max())
+            if low < 0 or high >= self.codebook_size:
+                raise ValueError(f"indices must lie in [0, {self.codebook_size}), got values in [{low}, {high}]")
+        codes = self.codes().detach()[indices]  # (..., D)
+        if dtype is not None:
+            codes = codes.to(dtype)
+        return codes.movedim(-1, 1) if self.channel_first and indices.dim() >= 1 else codes
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> VQOutput:
+        """Quantise ``z``, compute the VQ losses and statistics, and (training) update the codebook.
+
+        The steps: assign (nearest codes) → estimate (gradient estimator) → losses →
+        statistics → update (training mode: k-means init on the first batch, EMA,
+        dead codes, all *after* choosing the codes: ``quantized`` holds the codes as
+        they were before this call's update). An empty batch (or every position
+        masked, on every rank) gives zero losses, usage 0, perplexity 1 and updates
+        nothing.
+
+        Args:
+            z: encoder outputs, ``(..., D)`` or, with ``channel_first=True``,
+                ``(B, D, *spatial)``; floating point (float16/bfloat16: the search
+                runs in float32, and codes are cast to ``z.dtype`` before the
+                estimator, so the forward value is the code rounded to that dtype).
+            mask: optional bool tensor of the leading shape (``(B, *spatial)`` or
+                ``z.shape[:-1]``), True = real data. Masked positions train nothing
+                (losses, EMA, k-means, dead codes) and count in no statistic: every
+                output except ``quantized``/``indices`` equals that of ``vq(z[mask])``.
+                They are still quantised (``quantized`` and ``indices`` are filled
+                there too, and may be used), but they pass no gradient back to ``z``:
+                the estimator and the losses see the code itself there (``z := q``), so
+                padding full of NaN cannot leak into gradients.
+
+        Returns:
+            :class:`VQOutput`; ``quantized`` has the layout and dtype of ``z``.
+
+        Raises:
+            TypeError: non-floating input, non-bool mask.
+            ValueError: wrong channel size, ambiguous layout (see ``channel_first``),
+                mask of the wrong shape, NaN or inf in an unmasked row.
+        """
+        flat, cf, lead = self._to_rows(z)  # (N, D)
+        real = self._check_mask(mask, lead, z)  # (N,) bool or None
+        group = D_.resolve_group(self.sync, self.process_group) if self.training else None
+        bad = ~torch.isfinite(flat).all(1)  # (N,)
+        if real is not None:
+            bad = bad & real
+        if self.training and self._needs_setup:
+            self._setup(flat.detach(), real, bad, group, lead)
+
+        # assign
+        zg = flat if real is None else torch.where(real[:, None], flat, flat.detach())  # no gradient to padding
+        zs = F.normalize(zg, dim=1) if self.distance == "cosine" else zg  # (N, D) what is quantised
+        table = self.codes()  # (K, D), carries the codebook's gradient when learned by gradient
+        indices = nearest_code(zs.detach(), table.detach(), distance=self.distance,
+                               memory_budget=self.memory_budget)  # (N,) exact; fixed shapes when compiled
+        codes = table[indices]  # (N, D)
+        q = codes.detach().to(z.dtype)  # (N, D) chosen codes in the input dtype
+        if real is not None:  # masked rows become their own code: zero loss, zero gradient, never NaN
+            zs = torch.where(real[:, None], zs, q.to(zs.dtype))
+        # estimate: forward value exactly q; backward sends G^T g to z (STE, rotation trick, ...)
+        z_q = _apply(zs, q, self._op)
+
+        # losses (this rank's real rows; DDP averages their gradients)
+        acc = at_least_float32(torch.promote_types(codes.dtype, z.dtype))
+        w = None if real is None else real.to(acc)[:, None]  # (N, 1)
+        n_local = flat.new_tensor(flat.shape[0], dtype=acc) if w is None else w.sum()
+        entries = (n_local * self.dim).clamp_min(1)
+        codebook_loss = (codes.to(acc) - zs.detach().to(acc)).pow(2).sum() / entries
+        commitment_loss = (zs.to(acc) - codes.detach().to(acc)).pow(2).sum() / entries
         loss = self.commitment_weight * commitment_loss
         if not self.ema:  # with EMA the codebook term moves nothing: the EMA update replaces it
             loss = loss + self.codebook_weight * codebook_loss
 
+        # statistics (global batch with synchronisation), then the update
         with torch.no_grad():
-            counts, sums = self._reduce_statistics(*self._batch_statistics(flat.detach(), indices))
-            p = counts / counts.sum().clamp_min(1)  # (K,)
+            stats = self._statistics(flat.detach(), zs.detach(), codes.detach(), indices, w, bad, acc)
+            D_.all_reduce_sum(stats.packed, group)
+            counts, n, sums = stats.unpack()
+            self._raise_if_bad(stats.bad_global, bad, lead)
+            p = counts / n.clamp_min(1)
             perplexity = torch.exp(-torch.special.xlogy(p, p).sum())
             usage = (counts > 0).to(acc).mean()
-            zf, qf = flat.detach().to(acc), codes.detach().to(acc)
-            z_norm = zf.norm(dim=1).sum() / max(n, 1)
-            q_norm = qf.norm(dim=1).sum() / max(n, 1)
-            quantization_error = (zf - qf).pow(2).sum() / max(n, 1)
-            if self.training and n > 0:
-                self._update(flat.detach(), counts, sums)
-        return VQOutput(z_q.reshape(z.shape), indices.reshape(lead), loss, codebook_loss,
+            z_norm, q_norm, quantization_error = stats.means()
+            if self.training:
+                self._update(counts, n, sums, stats, zs.detach(), codes.detach(), real, group)
+        return VQOutput(self._from_rows(z_q, cf, lead), indices.reshape(lead), loss, codebook_loss,
                         commitment_loss, usage, perplexity, z_norm, q_norm, quantization_error)
 
-    def _batch_statistics(self, flat_z: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The one place where per-batch code statistics are accumulated.
-
-        Args:
-            flat_z: encoder outputs, shape ``(N, D)``, no gradient.
-            indices: chosen codes, shape ``(N,)`` int64.
-
-        Returns:
-            ``(counts, sums)``: ``counts[k]`` = number of vectors assigned to code
-            k, shape ``(K,)``; ``sums[k]`` = sum of those vectors, shape ``(K, D)``;
-            both in the dtype of ``cluster_size`` / at least float32.
-        """
-        dtype = torch.promote_types(self.embedding.dtype, torch.float32)
-        counts = torch.bincount(indices, minlength=self.codebook_size).to(self.cluster_size.dtype)
-        sums = torch.zeros(self.codebook_size, self.dim, dtype=dtype, device=flat_z.device)
-        return counts, sums.index_add_(0, indices, flat_z.to(dtype))
-
-    def _reduce_statistics(self, counts: torch.Tensor, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hook to combine batch statistics across data-parallel replicas.
-
-        The identity in this single-process version. A distributed version sums
-        ``counts`` and ``sums`` over replicas (``torch.distributed.all_reduce``)
-        so that every replica sees the global batch: the usage/perplexity
-        statistics, the EMA update and the dead-code criterion then agree on all
-        replicas (dead-code replacements would also have to be broadcast).
-        """
-        return counts, sums
-
-    def _update(self, flat_z: torch.Tensor, counts: torch.Tensor, sums: torch.Tensor) -> None:
-        """Training-mode state update: EMA of cluster sizes (and codebook), dead codes."""
-        d = self.decay
-        self.cluster_size.mul_(d).add_(counts, alpha=1 - d)  # N_k <- d N_k + (1 - d) n_k
-        if self.ema:
-            self.embed_sum.mul_(d).add_(sums, alpha=1 - d)  # m_k <- d m_k + (1 - d) sum_k z
-            total = self.cluster_size.sum()
-            # Laplace smoothing: N_k <- (N_k + eps) / (total + K eps) * total, never 0
-            smoothed = (self.cluster_size + self.eps) / (total + self.codebook_size * self.eps) * total
-            self.embedding.copy_(self.embed_sum / smoothed[:, None])  # e_k = m_k / N_k
-        if self.dead_code_threshold > 0:
-            self._reset_dead_codes(flat_z)
-
-    def _sample_rows(self, n: int, m: int, device: torch.device) -> torch.Tensor:
-        """``m`` row indices in ``[0, n)``, without replacement when ``m <= n``."""
-        dev = _gen_device(self.generator, device)
-        if m <= n:
-            return torch.randperm(n, generator=self.generator, device=dev)[:m].to(device)
-        return torch.randint(0, n, (m,), generator=self.generator, device=dev).to(device)
-
-    def _reset_dead_codes(self, flat_z: torch.Tensor) -> int:
-        """Replace codes with ``cluster_size < dead_code_threshold`` by random batch vectors.
-
-        A replaced code gets ``cluster_size = dead_code_threshold`` (and, with
-        EMA, ``embed_sum = threshold * code``), so it is reset again only if it
-        stays unused. Optimiser state (e.g. Adam moments) of replaced rows is
-        not touched. Returns the number of codes replaced.
-        """
-        dead = torch.nonzero(self.cluster_size < self.dead_code_threshold).squeeze(1)  # (M,)
-        m = dead.numel()
-        if m == 0:
-            return 0
-        new = flat_z[self._sample_rows(flat_z.shape[0], m, flat_z.device)].to(self.embedding.dtype)
-        self.embedding[dead] = new
-        self.cluster_size[dead] = self.dead_code_threshold
-        if self.ema:
-            self.embed_sum[dead] = new * self.dead_code_threshold
-        return m
+    def _raise_if_bad(self, bad_global: torch.Tensor, bad: torch.Tensor, lead: torch.Size) -> None:
+        """ValueError for non-finite rows (eager only; compiled code gates the updates instead)."""
+        if compiling():
+            return
+        total = int(bad_global.item())
+        if total == 0:
+            return
+        local = int(bad.sum().item())
+        if local:
+            first = int(torch.nonzero(bad)[0].item())
+            where = []
+            for size in reversed(lead):  # the flat row index as an index into the leading shape
+                first, rest = divmod(first, size)
+                where.insert(0, rest)
+            where = tuple(where)
+            raise ValueError(f"input has {local} row(s) with NaN or inf (first at leading index {where}); "
+                             "nothing was updated")
+        raise ValueError(f"another rank's input has NaN or inf in {total} row(s); nothing was updated")
 
     @torch.no_grad()
-    def _init_from_batch(self, flat_z: torch.Tensor) -> None:
-        """k-means (k-means++ seeding) init of the codebook from one batch ``(N, D)``."""
-        if flat_z.shape[0] > self.kmeans_max_points:
-            flat_z = flat_z[self._sample_rows(flat_z.shape[0], self.kmeans_max_points, flat_z.device)]
-        centroids, _ = kmeans(flat_z.to(torch.promote_types(flat_z.dtype, torch.float32)),
-                              self.codebook_size, iters=self.kmeans_iters, generator=self.generator,
-                              memory_budget=self.memory_budget)
-        self.embedding.copy_(centroids)
-        self.cluster_size.fill_(1.0)
-        if self.ema:
-            self.embed_sum.copy_(self.embedding)
-        self.initialized.fill_(True)
+    def _setup(self, flat_z: torch.Tensor, real: torch.Tensor | None, bad: torch.Tensor, group,
+               lead: torch.Size) -> None:
+        """First training call: one broadcast of the state, then the k-means init (all ranks' data).
+
+        The broadcast comes first, so that every rank decides on k-means from rank 0's
+        ``initialized`` flag: a rank resumed from a checkpoint and a fresh one (k-means
+        pending on one rank only) run the same collectives and end with the same state.
+        """
+        for tensor in self._synced_tensors():  # ranks constructed with different seeds agree from here on
+            D_.broadcast_from_first(tensor.data, group)
+        zs = F.normalize(flat_z, dim=1) if self.distance == "cosine" else flat_z
+        if self.init == "kmeans" and not bool(self.initialized):
+            keep = ~bad if real is None else real & ~bad
+            rows = zs[keep]
+            w = D_.world_size(group)
+            per_rank = max(1, math.ceil(self.kmeans_max_points / w))
+            if rows.shape[0] > per_rank:
+                rows = rows[self._sample(rows.shape[0], per_rank, rows.device)]
+            counts = torch.stack([rows.new_tensor(rows.shape[0], dtype=torch.float64),
+                                  bad.sum().to(torch.float64)])
+            D_.all_reduce_sum(counts, group)
+            self._raise_if_bad(counts[1], bad, lead)
+            if int(counts[0].item()) == 0:
+                return  # no data anywhere yet: stay uninitialised, try again next call
+            acc = at_least_float32(rows.dtype)
+            padded = rows.new_zeros(per_rank, self.dim, dtype=acc)
+            padded[:rows.shape[0]] = rows.to(acc)
+            valid = torch.arange(per_rank, device=rows.device) < rows.shape[0]
+            pool = D_.all_gather_rows(torch.cat([padded, valid.to(acc)[:, None]], 1), group)
+            pool, pool_valid = pool[:, :-1], pool[:, -1] > 0  # rank 0's rows, then rank 1's, ...
+            centroids = torch.empty(self.codebook_size, self.dim, dtype=acc, device=rows.device)
+            if group is None or torch.distributed.get_rank(group) == 0:
+                centroids, _ = kmeans(pool[pool_valid], self.codebook_size, iters=self.kmeans_iters,
+                                      generator=self.generator, memory_budget=self.memory_budget,
+                                      distance=self.distance)
+            self._load_codes(D_.broadcast_from_first(centroids.contiguous(), group))
+        self._needs_setup = False
+
+    def _sample(self, n: int, m: int, device: torch.device) -> torch.Tensor:
+        """``m <= n`` distinct row indices in ``[0, n)``, drawn with the layer's generator."""
+        dev = generator_device(self.generator, device)
+        return torch.randperm(n, generator=self.generator, device=dev)[:m].to(device)

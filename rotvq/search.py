@@ -52,6 +52,12 @@ __all__ = ["DISTANCES", "DEFAULT_MEMORY_BUDGET", "chunk_size_for_budget", "neare
 DISTANCES = ("euclidean", "cosine")
 #: Default bytes allowed for one chunk's ``chunk x K`` score matrix (128 MiB).
 DEFAULT_MEMORY_BUDGET = 128 * 2**20
+# Without an explicit chunk_size, chunks hold about this many bytes of scores (at least
+# _MIN_CHUNK_ROWS rows, and never more than the budget): the score block is then still in
+# cache when topk reads it. Measured on a 2-core EPYC at (N, d, K) = (16384, 256, 1024),
+# (65536, 64, 512), (8192, 64, 16384): 1-8 MiB blocks beat one N x K matrix by 10-40 %.
+_CACHE_BLOCK_BYTES = 4 * 2**20
+_MIN_CHUNK_ROWS = 64
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -136,14 +142,23 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, *, distance: str = "eu
         return out.reshape(lead)
     dtype = _compute_dtype(z, codebook)
     if chunk_size is None:
-        chunk_size = chunk_size_for_budget(num_codes, memory_budget, torch.finfo(dtype).bits // 8)
+        item = torch.finfo(dtype).bits // 8
+        # cache-sized score blocks (the top-2 pass then reads them from cache), within the budget
+        chunk_size = min(chunk_size_for_budget(num_codes, memory_budget, item),
+                         max(_MIN_CHUNK_ROWS, _CACHE_BLOCK_BYTES // (num_codes * item)))
 
     codes = codebook.to(dtype)  # (K, D)
     if distance == "cosine":
         norms = codes.norm(dim=1, keepdim=True)  # (K, 1)
         # codes of norm zero stay zero: similarity 0, no division by zero
         codes = codes / torch.where(norms > 0, norms, torch.ones_like(norms))
-    keep = _first_occurrences(codes)  # (U,) sorted indices of the distinct codes
+    tracing = torch.compiler.is_compiling()
+    if tracing:
+        # inside torch.compile: fixed shapes only. One chunk (no data-dependent loop), and
+        # duplicates are mapped to their lowest index after the search instead of removed.
+        keep, canonical, chunk_size = None, _lowest_duplicate(codes), n
+    else:
+        keep, canonical = _first_occurrences(codes), None  # keep: (U,) sorted indices of distinct codes
     if keep is not None:
         codes = codes[keep]
     if distance == "euclidean":
@@ -170,8 +185,40 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, *, distance: str = "eu
             if distance == "cosine":  # zero query: every similarity is 0, index 0
                 best = torch.where(block.abs().amax(1) > 0, best, torch.zeros_like(best))
         del scores
+        if canonical is not None:
+            best = canonical[best]
         out[start:start + block.shape[0]] = best if keep is None else keep[best]
     return out.reshape(lead)
+
+
+def _row_keys(codes: torch.Tensor) -> torch.Tensor:
+    """``(K,)`` int64 hash of each row's bits: equal rows get equal keys.
+
+    Integer arithmetic, so the key does not depend on the order of the sum; ``+ 0.0``
+    turns ``-0.0`` into ``0.0`` (equal as numbers, different as bits).
+    """
+    bits = (codes + 0.0).view(torch.int32 if codes.element_size() == 4 else torch.int64).long()
+    cols = torch.arange(codes.shape[1], dtype=torch.int64, device=codes.device)
+    weights = (cols * 6364136223846793005 + 1442695040888963407) | 1  # odd, well mixed (wraps)
+    return (bits * weights).sum(1)
+
+
+def _lowest_duplicate(codes: torch.Tensor) -> torch.Tensor:
+    """``(K,)`` map from each code to the lowest index of an identical code, fixed shapes only.
+
+    Codes are grouped by :func:`_row_keys` (a stable sort keeps equal keys in index
+    order, so a group starts at its lowest index); a code whose group head is not
+    bitwise equal to it (a hash collision) maps to itself.
+    """
+    num = codes.shape[0]
+    order = torch.arange(num, device=codes.device)
+    keys, perm = _row_keys(codes).sort(stable=True)
+    start = torch.ones_like(keys, dtype=torch.bool)
+    start[1:] = keys[1:] != keys[:-1]
+    head = perm[torch.where(start, order, torch.zeros_like(order)).cummax(0).values]  # (K,) in sorted order
+    canonical = torch.empty_like(perm).scatter_(0, perm, head)  # back to code order
+    same = (codes[canonical] == codes).all(1)
+    return torch.where(same, canonical, order)
 
 
 def _first_occurrences(codes: torch.Tensor) -> torch.Tensor | None:
@@ -181,6 +228,12 @@ def _first_occurrences(codes: torch.Tensor) -> torch.Tensor | None:
     code resolve to its lowest index whatever rounding the matrix product does.
     """
     num = codes.shape[0]
+    if num > 1:
+        # cheap screen: equal rows have equal keys, so distinct keys prove that there is no
+        # duplicate, and the sort of whole rows (torch.unique) is skipped
+        keys = _row_keys(codes).sort().values  # (K,)
+        if not bool((keys[1:] == keys[:-1]).any()):
+            return None
     unique, inverse = torch.unique(codes, dim=0, return_inverse=True)
     if unique.shape[0] == num:
         return None

@@ -1,8 +1,16 @@
 """Fixtures shared by the unit tests."""
 from __future__ import annotations
 
+import pathlib
+
 import pytest
 import torch
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> pathlib.Path:
+    """The repository's root folder (the one holding pyproject.toml), computed once here."""
+    return pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,17 @@ import torch
 
 mpmath.mp.dps = 50
 
+#: Every named estimator with the options the tests use (rotvq.get_surrogate(name, **options)).
+OPERATORS = {
+    "ste": {},
+    "rotation": {},
+    "rotation_unscaled": {},
+    "rotation_clipped": {"lo": 0.5, "hi": 1.5},
+    "rotation_interp": {"t": 0.3},
+    "rotation_tangent": {},
+    "householder": {},
+}
+
 
 def unit(x: torch.Tensor) -> torch.Tensor:
     return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True)
@@ -79,3 +90,11 @@ def mp_rotation_vjp(z, q, g, scaled=True):
     k = (a + b) / (1 + c)
     lam = nq / nz if scaled else 1
     return torch.tensor([float(lam * (G[i] + zh[i] * (2 * a - k) - qh[i] * k)) for i in range(len(Z))], dtype=torch.float64)
+
+
+def clustered(k=5, per=40, d=3, sep=100.0, noise=0.1, seed=0):
+    """k well-separated Gaussian clusters: (x (k*per, d), centers (k, d), labels (k*per,))."""
+    g = torch.Generator().manual_seed(seed)
+    centers = sep * torch.randn(k, d, generator=g)
+    labels = torch.arange(k).repeat_interleave(per)
+    return centers[labels] + noise * torch.randn(k * per, d, generator=g), centers, labels

@@ -16,7 +16,6 @@ import torch
 
 from rotvq.lab.datasets import LabeledData, load_cifar10, load_digits, load_mnist, load_patches
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------- digits
@@ -97,8 +96,8 @@ def test_patches_grayscale_is_luma():
 
 # ---------------------------------------------------------------------- the embedded files
 
-def test_embedded_files_small():
-    sizes = [p.stat().st_size for p in (ROOT / "rotvq" / "lab" / "_data").glob("*.npz")]
+def test_embedded_files_small(repo_root):
+    sizes = [p.stat().st_size for p in (repo_root / "rotvq" / "lab" / "_data").glob("*.npz")]
     assert len(sizes) == 2 and sum(sizes) < 1_000_000
 
 
@@ -126,10 +125,10 @@ def test_loading_does_not_need_scikit_learn(monkeypatch):
     assert load_patches("test").x.shape == (600, 192)
 
 
-def test_embedded_files_regenerate_identically():
+def test_embedded_files_regenerate_identically(repo_root):
     pytest.importorskip("sklearn")
     pytest.importorskip("PIL")
-    spec = importlib.util.spec_from_file_location("make_embedded_data", ROOT / "tools" / "make_embedded_data.py")
+    spec = importlib.util.spec_from_file_location("make_embedded_data", repo_root / "tools" / "make_embedded_data.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     assert tool.npz_bytes(tool.make_digits()) == (tool.DATA_DIR / "digits.npz").read_bytes()

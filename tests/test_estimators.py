@@ -9,20 +9,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rotvq
-from reference import dense_G, mp_rotation_vjp, textbook_householder, textbook_rotation, unit
+from rotvq.backend import get_backend, set_backend
+from reference import OPERATORS, dense_G, mp_rotation_vjp, textbook_householder, textbook_rotation, unit
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
-OPERATORS = {
-    "ste": {},
-    "rotation": {},
-    "rotation_unscaled": {},
-    "rotation_clipped": {"lo": 0.5, "hi": 1.5},
-    "rotation_interp": {"t": 0.3},
-    "rotation_tangent": {},
-    "householder": {},
-}
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2, torch.float32: 2e-5, torch.float64: 1e-10}
+
+
+@pytest.fixture(autouse=True, scope="module", params=["eager", "compiled"])
+def backend(request):
+    """Every test of this module runs under both backends (module scope: the compiled
+    kernels are built once per dtype, not once per test)."""
+    before = get_backend()
+    set_backend(request.param)
+    yield request.param
+    assert get_backend() == request.param, "the compiled backend fell back to eager"
+    set_backend(before)
 
 
 def backward(fn, z, q, g):

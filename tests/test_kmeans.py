@@ -110,6 +110,7 @@ def test_low_precision_input():
 @pytest.mark.parametrize("x,k,exc", [
     (torch.zeros(0, 3), 2, ValueError),
     (torch.randn(5, 3), 0, ValueError),
+    (torch.randn(5, 3), 2.5, ValueError),  # used to fail later with a TypeError from range()
     (torch.randn(5), 2, ValueError),
     (torch.ones(5, 3, dtype=torch.int64), 2, TypeError),
 ])
@@ -123,3 +124,24 @@ def test_bad_inputs(x, k, exc):
 def test_negative_iters():
     with pytest.raises(ValueError):
         kmeans(torch.randn(5, 2), 2, iters=-1)
+    with pytest.raises(ValueError, match="iters"):
+        kmeans(torch.randn(5, 2), 2, iters=1.5)
+
+
+def test_spherical_kmeans_clusters_directions_at_any_radius():
+    g = torch.Generator().manual_seed(12)
+    dirs = torch.nn.functional.normalize(torch.randn(4, 5, generator=g), dim=1)
+    labels = torch.arange(4).repeat_interleave(50)
+    radius = torch.exp(3 * torch.randn(200, 1, generator=g))  # norms spread over orders of magnitude
+    x = radius * torch.nn.functional.normalize(dirs[labels] + 0.05 * torch.randn(200, 5, generator=g), dim=1)
+    c, a = kmeans(x, 4, iters=20, generator=torch.Generator().manual_seed(0), distance="cosine")
+    assert torch.allclose(c.norm(dim=1), torch.ones(4))  # centroids on the sphere
+    match = (c @ dirs.T).argmax(1)
+    assert sorted(match.tolist()) == [0, 1, 2, 3]
+    assert torch.equal(match[a], labels)
+    assert ((c * dirs[match]).sum(1) > 0.99).all()
+    # fewer points than clusters: still unit centroids
+    c_few, _ = kmeans(x[:3], 6, generator=torch.Generator().manual_seed(0), distance="cosine")
+    assert torch.allclose(c_few.norm(dim=1), torch.ones(6))
+    with pytest.raises(ValueError, match="distance"):
+        kmeans(x, 4, distance="l1")

@@ -13,7 +13,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _mlp(seed=0, **kwargs):
     torch.manual_seed(seed)
-    return MLPVQVAE(64, [32, 16], 8, 32, **kwargs)
+    # random codes from construction on (the layer's default, k-means, waits for a training batch)
+    return MLPVQVAE(64, [32, 16], 8, 32, **{"init": "normal", **kwargs})
 
 
 def test_mlp_shapes_and_losses():
@@ -29,6 +30,23 @@ def test_mlp_shapes_and_losses():
     assert out.loss == out.recon_loss + out.vq.loss
     assert out.codebook_loss is out.vq.codebook_loss and out.commitment_loss is out.vq.commitment_loss
     assert all(t.shape == () for t in (out.loss, out.recon_loss, out.codebook_loss, out.commitment_loss))
+
+
+def test_metrics_are_named_in_the_labs_vocabulary():
+    out = _mlp()(torch.rand(5, 64))
+    metrics = out.metrics()
+    vq = out.vq.metrics()
+    assert list(metrics) == ["loss", "recon_loss", "vq_loss", *list(vq)[1:]]
+    assert metrics["vq_loss"] == vq["loss"] and metrics["loss"] == float(out.loss.detach())
+    assert metrics["recon_loss"] == float(out.recon_loss.detach())
+    assert all(isinstance(v, float) for v in metrics.values())
+
+
+def test_latents_are_channel_last_even_when_sizes_coincide():
+    # (B, num_latents, D) with num_latents == D would be ambiguous to a layer guessing the layout
+    model = MLPVQVAE(10, 7, 4, 5, num_latents=4)
+    out = model(torch.rand(3, 10))
+    assert out.z.shape == (3, 4, 4) and out.vq.indices.shape == (3, 4)
 
 
 def test_mlp_hidden_variants():

@@ -19,8 +19,6 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-ROOT = Path(__file__).resolve().parents[1]
-PACKAGE = ROOT / "rotvq"
 
 try:
     import tomllib  # Python >= 3.11
@@ -28,20 +26,21 @@ except ImportError:  # Python 3.10: pytest itself depends on tomli there
     import tomli as tomllib
 
 
-def load_pyproject() -> dict:
-    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+@pytest.fixture(scope="module")
+def pyproject(repo_root) -> dict:
+    return tomllib.loads((repo_root / "pyproject.toml").read_text(encoding="utf-8"))
 
 
-def requirement(name: str) -> Requirement:
-    found = [Requirement(r) for r in load_pyproject()["project"]["dependencies"]]
+def requirement(pyproject: dict, name: str) -> Requirement:
+    found = [Requirement(r) for r in pyproject["project"]["dependencies"]]
     matches = [r for r in found if r.name == name]
     assert len(matches) == 1, f"expected one {name!r} requirement, found {found}"
     return matches[0]
 
 
-@pytest.mark.parametrize("name, minimum", [("torch", "2.1"), ("numpy", "1.24")])
-def test_runtime_requirement_is_a_lower_bound(name, minimum):
-    req = requirement(name)
+@pytest.mark.parametrize("name, minimum", [("torch", "2.1"), ("numpy", "1.24"), ("tqdm", "4.60")])
+def test_runtime_requirement_is_a_lower_bound(pyproject, name, minimum):
+    req = requirement(pyproject, name)
     operators = {spec.operator for spec in req.specifier}
     assert operators == {">="}, f"{name} must be a lower bound only, got {req}"
     (spec,) = req.specifier
@@ -50,21 +49,21 @@ def test_runtime_requirement_is_a_lower_bound(name, minimum):
     assert req.specifier.contains("99.0")
 
 
-def test_runtime_dependencies_are_only_torch_and_numpy():
-    names = sorted(Requirement(r).name for r in load_pyproject()["project"]["dependencies"])
-    assert names == ["numpy", "torch"]
+def test_runtime_dependencies_are_only_torch_numpy_and_tqdm(pyproject):
+    names = sorted(Requirement(r).name for r in pyproject["project"]["dependencies"])
+    assert names == ["numpy", "torch", "tqdm"]
 
 
-def test_cpu_constraint_pins_torch_for_ci_only():
+def test_cpu_constraint_pins_torch_for_ci_only(repo_root, pyproject):
     lines = [
         line.split("#")[0].strip()
-        for line in (ROOT / "constraints" / "cpu.txt").read_text(encoding="utf-8").splitlines()
+        for line in (repo_root / "constraints" / "cpu.txt").read_text(encoding="utf-8").splitlines()
     ]
     pins = [Requirement(line) for line in lines if line]
     torch_pins = [r for r in pins if r.name == "torch"]
     assert len(torch_pins) == 1 and str(torch_pins[0].specifier).startswith("=="), pins
     # The pin must satisfy the package's own requirement.
-    assert requirement("torch").specifier.contains(
+    assert requirement(pyproject, "torch").specifier.contains(
         next(iter(torch_pins[0].specifier)).version
     )
 
@@ -83,12 +82,12 @@ def _can_build_without_isolation() -> bool:
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
+def wheel(tmp_path_factory, repo_root) -> Path:
     src = tmp_path_factory.mktemp("src")
-    shutil.copy2(ROOT / "pyproject.toml", src / "pyproject.toml")
-    shutil.copy2(ROOT / "README.md", src / "README.md")
+    shutil.copy2(repo_root / "pyproject.toml", src / "pyproject.toml")
+    shutil.copy2(repo_root / "README.md", src / "README.md")
     shutil.copytree(
-        PACKAGE, src / "rotvq", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        repo_root / "rotvq", src / "rotvq", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
     )
     out = tmp_path_factory.mktemp("dist")
     command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(src)]
@@ -108,11 +107,11 @@ def wheel_names(wheel) -> set[str]:
 
 
 @pytest.mark.slow
-def test_wheel_contains_package_modules(wheel_names):
+def test_wheel_contains_package_modules(repo_root, wheel_names):
     assert "rotvq/__init__.py" in wheel_names
     sources = {
-        p.relative_to(ROOT).as_posix()
-        for p in PACKAGE.rglob("*.py")
+        p.relative_to(repo_root).as_posix()
+        for p in (repo_root / "rotvq").rglob("*.py")
         if "__pycache__" not in p.parts
     }
     missing = sorted(sources - wheel_names)
@@ -120,8 +119,8 @@ def test_wheel_contains_package_modules(wheel_names):
 
 
 @pytest.mark.slow
-def test_wheel_contains_embedded_data(wheel_names):
-    data = {p.relative_to(ROOT).as_posix() for p in PACKAGE.rglob("_data/*.npz")}
+def test_wheel_contains_embedded_data(repo_root, wheel_names):
+    data = {p.relative_to(repo_root).as_posix() for p in (repo_root / "rotvq").rglob("_data/*.npz")}
     assert data, "no embedded datasets found under rotvq/"
     missing = sorted(data - wheel_names)
     assert not missing, f"embedded datasets missing from the wheel: {missing}"
@@ -144,5 +143,5 @@ def test_wheel_metadata(wheel, wheel_names):
     requires = [line.split(":", 1)[1].strip() for line in text.splitlines()
                 if line.startswith("Requires-Dist:")]
     runtime = sorted(r for r in requires if "extra ==" not in r)
-    assert runtime == ["numpy>=1.24", "torch>=2.1"], runtime
+    assert runtime == ["numpy>=1.24", "torch>=2.1", "tqdm>=4.60"], runtime
     assert "Requires-Python: >=3.10" in text

@@ -213,3 +213,34 @@ def test_chunk_independent_float32_random():
     for chunk in (1, 3, 64, 199):
         assert torch.equal(nearest_code(z, e, chunk_size=chunk), ref)
     assert torch.equal(ref, brute_euclidean(z.double(), e.double()))
+
+
+def test_lowest_duplicate_map():
+    g = torch.Generator().manual_seed(6)
+    e = torch.randn(12, 5, generator=g)
+    e[[4, 9]] = e[2].clone()
+    e[11] = e[7]
+    e[3] = -0.0 * e[3]  # -0.0 and 0.0 are equal codes
+    e[5] = 0.0
+    expect = torch.arange(12)
+    expect[[4, 9]] = 2
+    expect[11] = 7
+    expect[5] = 3
+    assert torch.equal(search_module._lowest_duplicate(e), expect)
+    assert search_module._first_occurrences(e).tolist() == [0, 1, 2, 3, 6, 7, 8, 10]
+    assert search_module._first_occurrences(torch.randn(50, 3, generator=g)) is None
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+def test_fullgraph_compile_matches_eager(distance):
+    """Inside torch.compile(fullgraph=True) the search takes its fixed-shape path (one chunk,
+    duplicates mapped after the search): the same indices as eager, ties included."""
+    g = torch.Generator().manual_seed(7)
+    e = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    e[[5, 30]] = e[17].clone()  # duplicates: queries at them resolve to index 5
+    z = torch.cat([torch.randn(60, 6, generator=g, dtype=torch.float64), e[[30, 17, 5]]])
+    compiled = torch.compile(lambda a, b: nearest_code(a, b, distance=distance), fullgraph=True,
+                             backend="aot_eager")
+    got = compiled(z, e)
+    assert torch.equal(got, nearest_code(z, e, distance=distance))
+    assert got[-3:].tolist() == [5, 5, 5]

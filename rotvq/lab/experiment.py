@@ -1,15 +1,36 @@
-"""Command line: compare gradient estimators and codebook initialisations by training VQ-VAEs.
+"""Command line: train small VQ-VAEs over a grid of configurations and compare them.
 
 ``python -m rotvq.lab.experiment`` (or the console script ``rotvq-experiment``) trains one
-small VQ-VAE (:mod:`rotvq.lab.models`) per combination of estimator x initialisation x seed
-on one dataset, evaluates each on the held-out split, and writes into ``--out``:
+small VQ-VAE (:mod:`rotvq.lab.models`) per point of a grid of
+:class:`~rotvq.lab.training.TrainConfig` values on one dataset, evaluates each on the
+held-out split, and writes into ``--out``:
 
-* ``runs.csv`` -- one row per run: its settings, the final training metrics (mean over the
-  last 5 % of the steps) as ``train_*`` and the test-split metrics of
-  :func:`rotvq.lab.training.evaluate` as ``test_*``, and the wall time;
+* ``config.json`` -- the command, the dataset, the world size and every run's full
+  :class:`~rotvq.lab.training.TrainConfig` (read one back with ``TrainConfig.from_dict``);
+* ``runs.csv`` -- one row per run: ``run``, ``dataset``, ``world_size``, every config field,
+  the final training metrics (mean over the last 5 % of the steps) as ``train_*``, the
+  test-split metrics of :func:`rotvq.lab.training.evaluate` as ``test_*``, and the wall time;
 * ``history.csv`` -- one row per run and step (the :class:`rotvq.lab.training.History`);
 * ``curves.png`` -- training curves (reconstruction loss, perplexity, mean ``|z|`` and
-  mean ``|q|``), one line per estimator / initialisation, averaged over seeds.
+  mean ``|q|``), one line per grid point, averaged over seeds.
+
+One schema.  The options are generated from :class:`~rotvq.lab.training.TrainConfig`'s
+fields: every field ``foo_bar`` is the flag ``--foo-bar``, typed and range-checked like the
+field, with the field's help text.  Every such flag takes one or more values, and the runs
+are the Cartesian product of all the values given (nested loops in the fields' order, the
+seed innermost): ``--estimator ste rotation --seed 0 1 2`` is six runs.  ``--preset NAME``
+sets defaults for any fields (explicit flags win); ``--preset paper`` is the protocol of
+Fifty et al.'s VQ-VAE runs (see :data:`PRESETS`).
+
+Data-parallel runs.  Under ``torchrun --nproc_per_node N -m rotvq.lab.experiment ...`` (or
+``python -m torch.distributed.run ...``) every rank trains the same run with
+:class:`~torch.nn.parallel.DistributedDataParallel` (gloo on CPU, NCCL with
+``--device cuda``, one GPU per rank); ``--batch-size`` is the global batch, split evenly
+over the ranks; only rank 0 evaluates, prints and writes.  A run with N ranks does what one
+process does with the same global batch: the same batches, the gradient averaged over the
+shards, and the quantizer's statistics synchronised across ranks (by
+:class:`rotvq.VectorQuantizer` itself), up to floating-point summation order.  The world
+size is recorded in ``config.json`` and ``runs.csv``.
 
 matplotlib is needed only for the plot and is imported only then (``--no-plots`` skips
 it).  Run ``python -m rotvq.lab.experiment --help`` for the options and examples.
@@ -19,80 +40,135 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import datetime
 import functools
 import itertools
+import json
+import os
 import pathlib
 import sys
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from . import datasets
-from ..estimators import SURROGATE_NAMES
-from ..quantizer import INITS
-from .training import METRICS, History, TrainConfig, build_model, evaluate, train
+from .._checks import check_positive_int
+from .training import History, TrainConfig, build_model, check_field, evaluate, field_type, train
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "expand_grid", "smooth", "plot_curves", "PRESETS"]
+
+#: Named sets of defaults for TrainConfig fields (lists are grid axes) and for the data
+#: options; ``--preset NAME`` applies one, and explicit flags override it.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Fifty et al. 2024, official VQ-VAE code (github.com/cfifty/rotation_trick, see
+    # book/scaling.ipynb): EMA codebook with decay 0.8, no k-means initialisation
+    # (Kaiming-uniform codes: uniform on +-1/sqrt(latent_dim)), commitment weight 1.0, AdamW
+    # with lr 1e-4; Euclidean and cosine VQ, STE against the rotation trick.  The model,
+    # batch and schedule are rotvq's small convolutional VQ-VAE, not the paper's network;
+    # weight decay is not stated there and is 0 here.
+    "paper": dict(
+        estimator=["ste", "rotation"], distance=["euclidean", "cosine"],
+        ema=[True], decay=[0.8], gamma=[1.0], init=["uniform"], init_scale=[32 ** -0.5],
+        optimizer=["adamw"], lr=[1e-4], weight_decay=[0.0], dead_code_threshold=[0.0],
+        model=["conv"], hidden=[128], latent_dim=[32], codebook_size=[1024], downsamples=[2],
+        batch_size=[128], steps=[20000],
+    ),
+}
+_PRESET_HELP = {"paper": "Fifty et al.'s VQ-VAE protocol: STE vs rotation trick, Euclidean and "
+                         "cosine VQ, EMA codebook (decay 0.8), commitment weight 1, AdamW lr 1e-4, "
+                         "uniform (Kaiming) codes, no k-means; a conv VQ-VAE with 1024 codes of "
+                         "size 32, batch 128, 20,000 steps (4 runs). Meant for CIFAR-10 on a GPU"}
+# Extra spellings kept for the flags the book and older commands use.
+_ALIASES = {"estimator": ["--estimators"], "init": ["--inits"], "seed": ["--seeds"]}
+_GROUP_TITLES = {"training": "training", "quantizer": "quantizer (rotvq.VectorQuantizer)",
+                 "model": "model (rotvq.lab.models)"}
 
 EPILOG = """\
+Every TrainConfig flag takes one or more values; the runs are all their combinations
+(nested in the order the flags are listed above, the seed innermost).
+
 examples:
   # STE vs. rotation trick on the embedded digits, 3 seeds (about a minute on a laptop CPU)
-  python -m rotvq.lab.experiment --estimators ste rotation --seeds 0 1 2 --out runs/digits
+  python -m rotvq.lab.experiment --estimator ste rotation --seed 0 1 2 --out runs/digits
 
   # does k-means initialisation rescue the STE when codes start much shorter than z?
-  python -m rotvq.lab.experiment --estimators ste rotation --inits normal kmeans \\
+  python -m rotvq.lab.experiment --estimator ste rotation --init normal kmeans \\
       --init-scale 0.01 --out runs/small-codes
 
-  # image patches with the convolutional model
-  python -m rotvq.lab.experiment --dataset patches --model conv --out runs/patches
+  # image patches with the convolutional model, two commitment weights
+  python -m rotvq.lab.experiment --dataset patches --model conv --gamma 0.25 1 --out runs/patches
 
-  # MNIST from local IDX files (nothing is downloaded), on a GPU
-  python -m rotvq.lab.experiment --mnist ~/data/mnist --device cuda --steps 5000 --out runs/mnist
+  # the paper's protocol on CIFAR-10 from local files (nothing is downloaded), on a GPU
+  python -m rotvq.lab.experiment --preset paper --cifar10 ~/data/cifar-10-batches-py \\
+      --device cuda --out runs/paper
 
-outputs (in --out): runs.csv (one row per run), history.csv (one row per run and step),
-curves.png (training curves; needs matplotlib, skip with --no-plots).
+  # the same, data-parallel on 4 GPUs (--batch-size is the global batch)
+  torchrun --nproc_per_node 4 -m rotvq.lab.experiment --preset paper \\
+      --cifar10 ~/data/cifar-10-batches-py --device cuda --out runs/paper-ddp
+
+outputs (in --out): config.json (every run's full configuration), runs.csv (one row per run),
+history.csv (one row per run and step), curves.png (training curves; needs matplotlib, skip
+with --no-plots).
 """
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_bool(text: str) -> bool:
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    try:
+        return value[text.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+    try:
+        return check_positive_int("the value", int(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _seed(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"seeds must be non-negative, got {text}")
-    return value
+def _field_parser(name: str):
+    """Text -> value of the TrainConfig field ``name``, type- and range-checked like the field."""
+    base, optional = field_type(name)
+
+    def parse(text: str):
+        if optional and text.lower() == "none":
+            value = None
+        elif base is bool:
+            value = _parse_bool(text)
+        else:
+            try:
+                value = base(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected {base.__name__}, got {text!r}") from None
+        try:
+            return check_field(name, value)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error).replace(f"TrainConfig.{name} ", "")) from None
+
+    parse.__name__ = base.__name__  # argparse names the type in its messages
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def _nonnegative_float(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser (exposed for documentation and tests)."""
+def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
+    """The command-line parser, generated from :class:`TrainConfig` (exposed for documentation
+    and tests).  ``preset`` sets that preset's values as the defaults."""
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(
         prog="rotvq-experiment",
-        description="Train small VQ-VAEs for every combination of gradient estimator, codebook "
-                    "initialisation and seed; write a CSV of results, the per-step histories "
-                    "and a plot of the training curves.",
+        description="Train small VQ-VAEs for every combination of the given settings (gradient "
+                    "estimator, codebook initialisation, seed, or any other field); write every "
+                    "run's configuration, a CSV of results, the per-step histories and a plot "
+                    "of the training curves.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="; ".join(f"{k}: {v}" for k, v in _PRESET_HELP.items()))
     data = parser.add_argument_group("data (default: the embedded digits)")
     source = data.add_mutually_exclusive_group()
     source.add_argument("--dataset", choices=("digits", "patches"), default="digits",
@@ -101,62 +177,58 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--cifar10", metavar="ROOT",
                         help="folder with cifar-10-batches-py (or that folder itself)")
 
-    grid = parser.add_argument_group("what to compare (every combination is one run)")
-    grid.add_argument("--estimators", nargs="+", choices=SURROGATE_NAMES,
-                      default=["ste", "rotation"], metavar="NAME",
-                      help=f"gradient estimators, from: {', '.join(SURROGATE_NAMES)} "
-                           "(default: ste rotation)")
-    grid.add_argument("--inits", nargs="+", choices=INITS, default=["normal"], metavar="INIT",
-                      help=f"codebook initialisations, from: {', '.join(INITS)} (default: normal)")
-    grid.add_argument("--seeds", nargs="+", type=_seed, default=[0], metavar="SEED",
-                      help="random seeds (default: 0)")
+    groups = {key: parser.add_argument_group(title) for key, title in _GROUP_TITLES.items()}
+    for field in dataclasses.fields(TrainConfig):
+        meta, (base, optional) = field.metadata, field_type(field.name)
+        default = getattr(defaults, field.name)
+        kwargs: dict[str, Any] = dict(dest=field.name, nargs="+", type=_field_parser(field.name),
+                                      default=None, metavar=field.name.upper())
+        if base is bool:  # `--ema` alone means true; `--ema true false` is a grid
+            kwargs.update(nargs="*", metavar="{true,false}")
+        if base is float and optional:
+            kwargs["metavar"] = f"{field.name.upper()}|none"
+        help_text = meta["help"]
+        if meta["choices"] is not None:
+            help_text += f"; one of: {', '.join(meta['choices'])}"
+        help_text += f" (default: {'none' if default is None else default})"
+        groups[meta["group"]].add_argument(_flag(field.name), *_ALIASES.get(field.name, ()),
+                                           help=help_text, **kwargs)
 
-    pos_int, pos_float, nonneg = _positive_int, _positive_float, _nonnegative_float
-    d = "(default: %(default)s)"
-    opt = parser.add_argument_group("training")
-    opt.add_argument("--steps", type=pos_int, default=defaults.steps,
-                     help=f"optimizer steps per run {d}")
-    opt.add_argument("--batch-size", type=pos_int, default=defaults.batch_size, help=d)
-    opt.add_argument("--lr", type=pos_float, default=defaults.lr, help=f"Adam learning rate {d}")
-    opt.add_argument("--device", default=defaults.device,
-                     help=f"torch device, e.g. cpu or cuda {d}")
-    opt.add_argument("--threads", type=pos_int, help="torch CPU threads (default: torch's choice)")
-
-    vq = parser.add_argument_group("quantizer")
-    vq.add_argument("--codebook-size", type=pos_int, default=defaults.codebook_size, help=d)
-    vq.add_argument("--latent-dim", type=pos_int, default=defaults.latent_dim,
-                    help=f"code dimension {d}")
-    vq.add_argument("--init-scale", type=pos_float, default=defaults.init_scale,
-                    help="std (normal) or half-width (uniform) of the initial codes; small values "
-                         f"give |q| << |z| {d}")
-    vq.add_argument("--beta", type=nonneg, default=defaults.beta, help=f"codebook-loss weight {d}")
-    vq.add_argument("--gamma", type=nonneg, default=defaults.gamma,
-                    help=f"commitment-loss weight {d}")
-    vq.add_argument("--ema", action="store_true", help="update the codebook by moving averages")
-    vq.add_argument("--dead-code-threshold", type=nonneg, default=defaults.dead_code_threshold,
-                    help="restart codes used less than this (EMA count); 0 = never (default)")
-
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", choices=("mlp", "conv"), default=defaults.model, help=d)
-    model.add_argument("--hidden", type=pos_int, default=defaults.hidden,
-                       help=f"hidden width / channels {d}")
-    model.add_argument("--num-latents", type=pos_int, default=defaults.num_latents,
-                       help=f"latent vectors per input, mlp only {d}")
-    model.add_argument("--downsamples", type=int, choices=range(0, 4), default=defaults.downsamples,
-                       metavar="{0..3}", help=f"stride-2 stages, conv only {d}")
-    model.add_argument("--encoder-scale", type=pos_float, default=defaults.encoder_scale,
-                       help=f"fixed gain on the encoder output {d}")
-    model.add_argument("--encoder-norm", type=pos_float,
-                       help="start training with mean |z| equal to this")
-
-    out = parser.add_argument_group("output")
-    out.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/experiment"),
-                     help="output folder, created if needed (default: %(default)s)")
-    out.add_argument("--no-plots", action="store_true",
-                     help="skip curves.png (no matplotlib needed)")
-    out.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                     help="per-step progress on stderr (default: only on a terminal, long runs)")
+    other = parser.add_argument_group("run")
+    other.add_argument("--threads", type=_positive_int, metavar="N",
+                       help="torch CPU threads per process (default: torch's choice)")
+    other.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/experiment"),
+                       help="output folder, created if needed (default: %(default)s)")
+    other.add_argument("--no-plots", action="store_true",
+                       help="skip curves.png (no matplotlib needed)")
+    other.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="progress bar on stderr (default: only on a terminal, long runs)")
+    if preset is not None:
+        parser.set_defaults(**PRESETS[preset])
     return parser
+
+
+def expand_grid(axes: dict[str, Sequence[Any]], base: TrainConfig | None = None) -> list[TrainConfig]:
+    """Every combination of the values in ``axes`` (field name -> values), as configs.
+
+    Fields not in ``axes`` keep ``base``'s value (default ``TrainConfig()``).  The order is
+    that of nested loops over the axes in :class:`TrainConfig`'s field order, with ``seed``
+    innermost.
+
+    >>> [(c.estimator, c.seed) for c in expand_grid({"seed": [0, 1], "estimator": ["ste", "rotation"]})]
+    [('ste', 0), ('ste', 1), ('rotation', 0), ('rotation', 1)]
+    """
+    base = base or TrainConfig()
+    order = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "seed"] + ["seed"]
+    unknown = sorted(set(axes) - set(order))
+    if unknown:
+        raise ValueError(f"unknown TrainConfig fields: {', '.join(unknown)}")
+    names = [name for name in order if name in axes]
+    for name in names:
+        if isinstance(axes[name], (str, bytes)) or not len(axes[name]):
+            raise ValueError(f"axis {name!r} needs a non-empty sequence of values, got {axes[name]!r}")
+    return [dataclasses.replace(base, **dict(zip(names, values)))
+            for values in itertools.product(*(axes[name] for name in names))]
 
 
 def _load(args) -> tuple[str, datasets.LabeledData, datasets.LabeledData]:
@@ -168,46 +240,79 @@ def _load(args) -> tuple[str, datasets.LabeledData, datasets.LabeledData]:
     else:
         name = args.dataset
         loader = datasets.load_digits if name == "digits" else datasets.load_patches
-    flatten = args.model == "mlp"  # the conv model takes channel-first images
+    models = set(args.model or [TrainConfig().model])
+    if len(models) > 1:
+        raise ValueError("--model takes one value per command: mlp and conv need different "
+                         "input layouts")
+    flatten = models == {"mlp"}  # the conv model takes channel-first images
     return name, loader("train", flatten=flatten), loader("test", flatten=flatten)
 
 
-def _smooth(values: np.ndarray, window: int) -> np.ndarray:
+def smooth(values: np.ndarray, window: int) -> np.ndarray:
     """Trailing moving average (same length; the first points average fewer values)."""
-    cumulative = np.cumsum(np.insert(values, 0, 0.0))
+    cumulative = np.cumsum(np.insert(np.asarray(values, dtype=float), 0, 0.0))
     index = np.arange(1, len(values) + 1)
     start = np.maximum(index - window, 0)
     return (cumulative[index] - cumulative[start]) / (index - start)
 
 
-def plot_curves(histories: dict[tuple[str, str], list[History]], path: pathlib.Path) -> None:
-    """Training curves, one line per (estimator, init) averaged over seeds, saved as PNG."""
+def plot_curves(histories: dict[str, list[History]], path: pathlib.Path) -> None:
+    """Training curves, one line per label (e.g. a grid point) averaged over its histories
+    (e.g. seeds), saved as PNG."""
     from matplotlib.figure import Figure  # lazy: matplotlib is not a dependency of rotvq
 
     panels = (("recon_loss", "reconstruction loss (MSE)", True),
               ("perplexity", "codebook perplexity", False),
-              ("mean_z_norm", "mean |z| (encoder output)", False),
-              ("mean_q_norm", "mean |q| (chosen code)", False))
+              ("z_norm", "mean |z| (encoder output)", False),
+              ("q_norm", "mean |q| (chosen code)", False))
     fig = Figure(figsize=(10, 7), layout="constrained")
     axes = fig.subplots(2, 2).ravel()
-    for (estimator, init), runs in histories.items():
+    for label, runs in histories.items():
         steps = np.asarray(runs[0].step)
         window = max(1, len(steps) // 50)
         for ax, (metric, title, log) in zip(axes, panels):
-            mean = np.mean([np.asarray(getattr(h, metric)) for h in runs], axis=0)
-            ax.plot(steps, _smooth(mean, window), label=f"{estimator} / {init}")
+            mean = np.mean([np.asarray(h[metric]) for h in runs], axis=0)
+            ax.plot(steps, smooth(mean, window), label=label)
             ax.set_title(title)
             ax.set_xlabel("step")
             if log:
                 ax.set_yscale("log")
-    axes[0].legend(title=f"estimator / init (mean of {len(runs)} seed(s))", fontsize="small")
+    axes[0].legend(title=f"mean of {len(runs)} seed(s)", fontsize="small")
     fig.savefig(path, dpi=100)
+
+
+def _start_process_group(device: str) -> tuple[int, int]:
+    """``(rank, world_size)``; initialises the default process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not torch.distributed.is_initialized():
+        cuda = torch.device(device).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if cuda else "gloo",
+                                             timeout=datetime.timedelta(minutes=10))
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the comparison described by the command line ``argv`` (default: ``sys.argv[1:]``)."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--preset", choices=sorted(PRESETS))
+    preset = first.parse_known_args(argv)[0].preset
+    parser = build_parser(preset)
     args = parser.parse_args(argv)
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    axes = {}
+    for name in fields:
+        values = getattr(args, name)
+        if values is not None:
+            axes[name] = [True] if values == [] else list(dict.fromkeys(values))  # bare --ema
+    try:
+        configs = expand_grid(axes)
+    except ValueError as error:
+        parser.error(str(error))
     if not args.no_plots:
         try:
             import matplotlib  # noqa: F401
@@ -216,62 +321,89 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "(pip install matplotlib) or pass --no-plots")
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as error:
-        parser.error(f"--device: {error}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: this torch build or machine has no CUDA device")
+    for device_text in {c.device for c in configs}:
+        try:
+            device = torch.device(device_text)
+        except RuntimeError as error:
+            parser.error(f"--device: {error}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error("--device cuda: this torch build or machine has no CUDA device")
     try:
         name, train_data, test_data = _load(args)
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
-    if args.batch_size > len(train_data.x):
-        parser.error(f"--batch-size {args.batch_size} exceeds the {len(train_data.x)} training "
-                     f"examples of {name}")
-    args.out.mkdir(parents=True, exist_ok=True)
+    n_train = len(train_data.x)
+    for batch_size in {c.batch_size for c in configs}:
+        if batch_size > n_train:
+            parser.error(f"--batch-size {batch_size} exceeds the {n_train} training examples "
+                         f"of {name}")
+    if len({c.device for c in configs}) > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        parser.error("--device takes one value in a data-parallel run")
+    rank, world = _start_process_group(configs[0].device)
+    try:
+        for batch_size in {c.batch_size for c in configs}:
+            if batch_size % world:
+                parser.error(f"--batch-size {batch_size} (the global batch) is not divisible by "
+                             f"the {world} processes")
+        return _run(args, argv, preset, name, train_data, test_data, configs, axes, rank, world)
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
-    combos = list(itertools.product(args.estimators, args.inits, args.seeds))
+
+def _run(args, argv, preset, name, train_data, test_data, configs, axes, rank, world) -> int:
+    """Train and evaluate every config; rank 0 writes the outputs."""
+    lead = rank == 0
+    varied = [k for k in axes if k != "seed" and len(axes[k]) > 1]
+    if lead:
+        args.out.mkdir(parents=True, exist_ok=True)
+        record = {"command": ["rotvq-experiment", *argv], "preset": preset, "dataset": name,
+                  "world_size": world, "threads": torch.get_num_threads(),
+                  "torch": torch.__version__,
+                  "runs": [{"run": i, "config": c.to_dict()} for i, c in enumerate(configs)]}
+        (args.out / "config.json").write_text(json.dumps(record, indent=1) + "\n")
     rows, histories = [], {}
     history_path = args.out / "history.csv"
-    with open(history_path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["run", "estimator", "init", "seed", "step", *METRICS])
-        for run, (estimator, init, seed) in enumerate(combos):
-            config = TrainConfig(
-                steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=seed,
-                device=args.device,
-                estimator=estimator, init=init, init_scale=args.init_scale, beta=args.beta,
-                gamma=args.gamma, ema=args.ema, dead_code_threshold=args.dead_code_threshold,
-                model=args.model, hidden=args.hidden, latent_dim=args.latent_dim,
-                codebook_size=args.codebook_size, num_latents=args.num_latents,
-                downsamples=args.downsamples, encoder_scale=args.encoder_scale,
-                encoder_norm=args.encoder_norm)
+    handle = open(history_path, "w", newline="") if lead else None
+    try:
+        writer = None
+        for run, config in enumerate(configs):
             start = time.perf_counter()
             model = build_model(config, train_data)
             history = train(model, train_data, config, progress=args.progress)
-            test = evaluate(model, test_data)
+            if not lead:
+                continue
+            test = evaluate(model, test_data)  # eval mode: no collectives, rank 0 alone
             wall = time.perf_counter() - start
-            for row in zip(history.step, *(getattr(history, m) for m in METRICS)):
-                writer.writerow([run, estimator, init, seed, *row])
-            histories.setdefault((estimator, init), []).append(history)
-            final = history.final(window=max(1, args.steps // 20))
-            rows.append({"run": run, "dataset": name, "estimator": estimator, "init": init,
-                         "seed": seed,
+            point = {k: getattr(config, k) for k in varied}
+            if writer is None:
+                writer = csv.DictWriter(handle, fieldnames=["run", *varied, "seed", "step",
+                                                            *history.names])
+                writer.writeheader()
+            for step_row in history.rows():
+                writer.writerow({"run": run, **point, "seed": config.seed, **step_row})
+            label = ", ".join(f"{k}={v}" for k, v in point.items()) or config.estimator
+            histories.setdefault(label, []).append(history)
+            final = history.final(window=max(1, config.steps // 20))
+            rows.append({"run": run, "dataset": name, "world_size": world, **config.to_dict(),
                          **{f"train_{k}": v for k, v in final.items()},
-                         **{f"test_{k}": v for k, v in test.items()}, "wall_time_s": wall,
-                         **{k: v for k, v in dataclasses.asdict(config).items()
-                            if k not in ("estimator", "init", "seed")}})
-            print(f"[{run + 1}/{len(combos)}] {estimator:<18} {init:<7} seed {seed}: "
-                  f"test recon {test['recon_loss']:.4f}  perplexity {test['perplexity']:.1f}  "
-                  f"usage {test['usage']:.2f}  ({wall:.1f}s)", flush=True)
-
+                         **{f"test_{k}": v for k, v in test.items()}, "wall_time_s": wall})
+            shown = dict.fromkeys(["estimator", "init", *varied, "seed"])  # always name the run
+            where = ", ".join(f"{k}={getattr(config, k)}" for k in shown)
+            print(f"[{run + 1}/{len(configs)}] {where}: test recon_loss {test['recon_loss']:.4f}  "
+                  f"perplexity {test['perplexity']:.1f}  usage {test['usage']:.2f}  ({wall:.1f}s)",
+                  flush=True)
+    finally:
+        if handle is not None:
+            handle.close()
+    if not lead:
+        return 0
     runs_path = args.out / "runs.csv"
     with open(runs_path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    written = [runs_path, history_path]
+    written = [args.out / "config.json", runs_path, history_path]
     if not args.no_plots:
         plot_curves(histories, args.out / "curves.png")
         written.append(args.out / "curves.png")

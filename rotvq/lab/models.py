@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .._checks import check_nonnegative_int, check_positive_int
 from ..quantizer import VectorQuantizer
 
 __all__ = ["VQVAEOutput", "MLPVQVAE", "ConvVQVAE"]
@@ -59,10 +60,20 @@ class VQVAEOutput(NamedTuple):
     commitment_loss: torch.Tensor
     loss: torch.Tensor
 
+    def metrics(self) -> dict[str, float]:
+        """The pass's named scalars as python floats, in the lab's one vocabulary.
 
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        ``loss`` (the model's training loss), ``recon_loss``, ``vq_loss`` (the quantizer's
+        weighted loss, called ``loss`` in :meth:`rotvq.VQOutput.metrics`), then the
+        quantizer's own statistics under the names :meth:`rotvq.VQOutput.metrics` gives them:
+        ``codebook_loss``, ``commitment_loss``, ``usage``, ``perplexity``, ``z_norm``,
+        ``q_norm``, ``quantization_error``.  These are the column names of
+        :class:`rotvq.lab.training.History` and of the experiment's CSV files.
+        """
+        loss, recon_loss = torch.stack([self.loss.detach().double(),
+                                        self.recon_loss.detach().double()]).tolist()
+        vq = self.vq.metrics()
+        return {"loss": loss, "recon_loss": recon_loss, "vq_loss": vq.pop("loss"), **vq}
 
 
 class _VQVAE(nn.Module):
@@ -73,15 +84,17 @@ class _VQVAE(nn.Module):
     def __init__(self, latent_dim: int, codebook_size: int, encoder_scale: float,
                  vq_kwargs: dict) -> None:
         super().__init__()
-        _check_positive_int("latent_dim", latent_dim)
-        _check_positive_int("codebook_size", codebook_size)
+        check_positive_int("latent_dim", latent_dim)
+        check_positive_int("codebook_size", codebook_size)
         scale = float(encoder_scale)
         if not (scale > 0 and scale < float("inf")):
             raise ValueError(f"encoder_scale must be positive and finite, got {encoder_scale!r}")
         self.latent_dim = latent_dim
         self.codebook_size = codebook_size
         self.register_buffer("encoder_scale", torch.tensor(scale))
-        self.quantizer = VectorQuantizer(latent_dim, codebook_size, **vq_kwargs)
+        # z is channel-last (B, ..., latent_dim) for both models: say so, never let the layer guess
+        self.quantizer = VectorQuantizer(latent_dim, codebook_size,
+                                         **{"channel_first": False, **vq_kwargs})
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder output ``z``, channel-last ``(..., latent_dim)``, times ``encoder_scale``."""
@@ -155,11 +168,11 @@ class MLPVQVAE(_VQVAE):
                  codebook_size: int, *, num_latents: int = 4, encoder_scale: float = 1.0,
                  **vq_kwargs: Any) -> None:
         super().__init__(latent_dim, codebook_size, encoder_scale, vq_kwargs)
-        _check_positive_int("input_dim", input_dim)
-        _check_positive_int("num_latents", num_latents)
+        check_positive_int("input_dim", input_dim)
+        check_positive_int("num_latents", num_latents)
         widths = [hidden] if isinstance(hidden, int) else list(hidden)
         for width in widths:
-            _check_positive_int("hidden width", width)
+            check_positive_int("hidden width", width)
         self.input_dim, self.num_latents = input_dim, num_latents
         code_dim = num_latents * latent_dim
         encoder: list[nn.Module] = []
@@ -206,10 +219,9 @@ class ConvVQVAE(_VQVAE):
                  codebook_size: int = 64, *, downsamples: int = 1, encoder_scale: float = 1.0,
                  **vq_kwargs: Any) -> None:
         super().__init__(latent_dim, codebook_size, encoder_scale, vq_kwargs)
-        _check_positive_int("in_channels", in_channels)
-        _check_positive_int("hidden", hidden)
-        if isinstance(downsamples, bool) or not isinstance(downsamples, int) or downsamples < 0:
-            raise ValueError(f"downsamples must be a non-negative int, got {downsamples!r}")
+        check_positive_int("in_channels", in_channels)
+        check_positive_int("hidden", hidden)
+        check_nonnegative_int("downsamples", downsamples)
         self.in_channels, self.downsamples = in_channels, downsamples
         encoder: list[nn.Module] = []
         channels = in_channels

@@ -1,0 +1,458 @@
+"""Benchmarks of the estimators, the compiled backend, the nearest-code search and the VQ layer.
+
+The command line is ``python benchmarks/run.py`` (see ``benchmarks/README.md``); this
+module holds the measurements so that the book's appendix (``book/benchmarks.ipynb``)
+can import them and read the stored results (:func:`load_results`) without path tricks.
+
+Everything is measured in one process and *interleaved*: each round runs every method of
+a group once, in a rotating order, so that a slow spell of a shared machine hits all
+methods alike. Reported per method: the minimum and the median over the rounds (after
+warm-up rounds), and their ratios to the reference of the group. The load average of the
+machine (``os.getloadavg``) is recorded before and after every group: on a shared machine
+the minima are the figures to compare, the medians show the noise.
+
+Groups (forward + backward of ``z_q`` with a fixed upstream gradient ``g``):
+
+* ``estimators``: the textbook STE ``z + (q - z).detach()`` (reference), ``rotvq.ste``,
+  ``rotvq.rotation_trick`` under the eager and the compiled backend
+  (:mod:`rotvq.backend`), the rotation trick in plain autograd operations, the explicit
+  ``d × d`` route (timed on a subset of rows and scaled to ``N``, marked ``*``) and
+  ``vector_quantize_pytorch``'s ``rotate_to`` when installed;
+* ``compiled``: ``torch.compile(fullgraph=True)`` of a function calling the textbook
+  STE (reference) against the same for ``rotvq.rotation_trick``, under each backend
+  (inside a compiled graph the backward is one custom operator that runs the backend);
+* ``sweep``: the estimators over ``d`` at a fixed number of entries ``N d``;
+* ``search``: :func:`rotvq.nearest_code` against a bare ``torch.addmm`` + ``argmin``
+  over the whole ``N × K`` score matrix (code norms precomputed), with agreement and
+  peak memory;
+* ``layer``: a training step of :class:`rotvq.VectorQuantizer` (EMA codebook, STE and
+  rotation) against the bare search alone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import rotvq
+from rotvq.backend import get_backend, set_backend
+from rotvq.search import nearest_code
+
+try:  # optional benchmark extra: pip install rotvq[bench]
+    from vector_quantize_pytorch import VectorQuantize
+    from vector_quantize_pytorch.vector_quantize_pytorch import rotate_to
+except ImportError:  # pragma: no cover - depends on the environment
+    VectorQuantize = rotate_to = None
+
+__all__ = ["SHAPES", "SEARCH_CONFIGS", "RESULTS_FILE", "load_results", "run_all", "interleaved",
+           "saved_for_backward", "estimator_methods", "bench_estimators", "bench_compiled",
+           "bench_search", "bench_layer", "fmt_table"]
+
+#: (N, d) of the estimator benchmarks.
+SHAPES = [(65536, 64), (16384, 256), (4096, 1024)]
+#: (N, d, K) of the search and layer benchmarks.
+SEARCH_CONFIGS = [(16384, 256, 1024), (65536, 64, 512), (8192, 64, 16384)]
+#: The stored full run that the book's appendix reads.
+RESULTS_FILE = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "cpu.json"
+
+
+def load_results(path: str | os.PathLike | None = None) -> dict:
+    """The stored results of a full run (default: ``benchmarks/results/cpu.json``)."""
+    with open(RESULTS_FILE if path is None else path) as f:
+        return json.load(f)
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:  # noqa: BLE001 - not installed
+        return None
+
+
+# ------------------------------------------------------------------------------------
+# Estimators
+
+
+def textbook_ste(z, q):
+    return z + (q - z).detach()  # straight-through estimator, as usually written
+
+
+def autograd_rotation(z, q):
+    """The rotation trick with plain autograd ops (Fifty et al. 2024, section 4.2:
+    ``λ [z - 2 (z·w) w + 2 (z·ẑ) q̂]``, ``w = (ẑ + q̂)/|ẑ + q̂|``, coefficients detached)."""
+    with torch.no_grad():
+        nz = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
+        nq = torch.linalg.vector_norm(q, dim=-1, keepdim=True)
+        zh, qh = z / nz, q / nq
+        w = zh + qh
+        w = w / torch.linalg.vector_norm(w, dim=-1, keepdim=True)
+        lam = nq / nz
+    rz = z - 2 * (z * w).sum(-1, keepdim=True) * w + 2 * (z * zh).sum(-1, keepdim=True) * qh  # R z
+    return lam * rz
+
+
+def dense_matrix(z, q):
+    """The explicit route: ``G = (|q|/|z|) R`` of shape ``(N, d, d)`` built by
+    :meth:`rotvq.Rotation.matrix`, applied by :func:`rotvq.generalized_ste`."""
+    with torch.no_grad():
+        G = rotvq.Rotation().matrix(z.detach(), q)  # (N, d, d)
+    return rotvq.generalized_ste(z, q, G)
+
+
+class _BackendRun:
+    """fwd + bwd of an estimator with the backend set for the backward as well."""
+
+    def __init__(self, backend, fn):
+        self.backend, self.fn = backend, fn
+
+
+def estimator_methods() -> dict:
+    methods = {
+        "textbook_ste": textbook_ste,
+        "rotvq.ste": rotvq.ste,
+        "rotvq.rotation_trick[eager]": _BackendRun("eager", rotvq.rotation_trick),
+        "rotvq.rotation_trick[compiled]": _BackendRun("compiled", rotvq.rotation_trick),
+        "autograd_rotation": autograd_rotation,
+        "dense_matrix": dense_matrix,
+    }
+    if rotate_to is not None:
+        methods["vqp.rotate_to"] = rotate_to
+    return methods
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(fns: dict, device: torch.device, repeats: int, warmup: int = 2) -> dict:
+    """Time every callable of ``fns`` ``repeats`` times, round-robin (rotating start).
+
+    Returns ``{name: {"min": s, "median": s, "times": [...]}}``.
+    """
+    names = list(fns)
+    times = {k: [] for k in names}
+    for _ in range(warmup):
+        for k in names:
+            fns[k]()
+    for r in range(repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for k in order:
+            sync(device)
+            t0 = time.perf_counter()
+            fns[k]()
+            sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return {k: {"min": min(v), "median": statistics.median(v), "times": v} for k, v in times.items()}
+
+
+def saved_for_backward(fn, z, q) -> tuple[int, int]:
+    """Bytes of the distinct storages the autograd graph of ``fn(z, q)`` keeps: (all, extra).
+
+    ``extra`` excludes the storages of ``z`` and ``q`` themselves (held by the caller)."""
+    if isinstance(fn, _BackendRun):
+        fn = fn.fn
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(z, q)
+    # tensors a custom Function keeps outside save_for_backward (rotvq.Dense holds its G)
+    stack, visited = [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in visited:
+            continue
+        visited.add(id(node))
+        for value in getattr(node, "__dict__", {}).values():
+            for t in (value, *getattr(value, "__dict__", {}).values()):
+                if isinstance(t, torch.Tensor):
+                    pack(t)
+        stack.extend(f for f, _ in node.next_functions)
+    del out
+    own = {z.untyped_storage().data_ptr(), q.untyped_storage().data_ptr()}
+    total = sum(seen.values())
+    extra = sum(b for p, b in seen.items() if p not in own)
+    return total, extra
+
+
+def fwd_bwd(fn, z, q, g):
+    backend = None
+    if isinstance(fn, _BackendRun):
+        backend, fn = fn.backend, fn.fn
+
+    def run():
+        before = get_backend()
+        if backend is not None:
+            set_backend(backend)
+        try:
+            zq = fn(z, q)
+            return torch.autograd.grad(zq, z, g)[0]  # dL/dz for the upstream gradient g
+        finally:
+            set_backend(before)
+
+    return run
+
+
+def _data(n, d, device, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    z = torch.randn(n, d, generator=gen).to(device).requires_grad_(True)
+    q = torch.randn(n, d, generator=gen).to(device)
+    g = torch.randn(n, d, generator=gen).to(device)
+    return z, q, g
+
+
+def bench_estimators(shapes, device, repeats, dense_elements=2**20, memory=True) -> list[dict]:
+    """Forward + backward of every estimator method, ratios to the textbook STE."""
+    rows = []
+    for n, d in shapes:
+        z, q, g = _data(n, d, device)
+        methods = estimator_methods()
+        fns, scale = {}, {}
+        for name, fn in methods.items():
+            if name == "dense_matrix" and n * d * d > dense_elements:
+                m = max(1, dense_elements // (d * d))  # rows of the subset
+                zs = z.detach()[:m].clone().requires_grad_(True)
+                fns[name] = fwd_bwd(fn, zs, q[:m], g[:m])
+                scale[name] = (n / m, zs, q[:m])
+            else:
+                fns[name] = fwd_bwd(fn, z, q, g)
+                scale[name] = (1.0, z, q)
+        res = interleaved(fns, device, repeats)
+        ref = res["textbook_ste"]
+        for name in methods:
+            s, zz, qq = scale[name]
+            r = res[name]
+            row = {"N": n, "d": d, "method": name + ("*" if s != 1.0 else ""),
+                   "min_ms": 1e3 * r["min"] * s, "median_ms": 1e3 * r["median"] * s,
+                   "ratio_min": r["min"] * s / ref["min"], "ratio_median": r["median"] * s / ref["median"],
+                   "scaled_from_rows": None if s == 1.0 else int(round(n / s))}
+            if memory:
+                total, extra = saved_for_backward(methods[name], zz, qq)
+                row.update(saved_MiB=total * s / 2**20, extra_MiB=extra * s / 2**20)
+            rows.append(row)
+    return rows
+
+
+def bench_compiled(shapes, device, repeats) -> list[dict]:
+    """``torch.compile(fullgraph=True)`` of the textbook STE against the rotation trick."""
+    rotation = torch.compile(rotvq.rotation_trick, fullgraph=True, dynamic=True)
+    fns_by_name = {
+        "compiled textbook_ste": torch.compile(textbook_ste, fullgraph=True, dynamic=True),
+        "compiled rotvq.rotation_trick[eager]": _BackendRun("eager", rotation),
+        "compiled rotvq.rotation_trick[compiled]": _BackendRun("compiled", rotation),
+    }
+    rows = []
+    for n, d in shapes:
+        z, q, g = _data(n, d, device)
+        res = interleaved({k: fwd_bwd(f, z, q, g) for k, f in fns_by_name.items()}, device, repeats)
+        ref = res["compiled textbook_ste"]
+        rows += [{"N": n, "d": d, "method": k, "min_ms": 1e3 * r["min"], "median_ms": 1e3 * r["median"],
+                  "ratio_min": r["min"] / ref["min"], "ratio_median": r["median"] / ref["median"]}
+                 for k, r in res.items()]
+    return rows
+
+
+# ------------------------------------------------------------------------------------
+# Search and layer
+
+
+def bare_search(z, codebook):
+    """The matrix-multiply limit: one ``addmm`` over the whole ``N × K`` matrix and ``argmin``
+    (code norms computed once, outside the timing)."""
+    norms = (codebook * codebook).sum(1)
+    return lambda: torch.addmm(norms, z, codebook.t(), alpha=-2.0).argmin(1)
+
+
+_PEAK_CHILD = r"""
+import sys, torch
+from rotvq.bench import bare_search
+from rotvq.search import nearest_code
+n, d, k, which, threads = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+torch.set_num_threads(threads)
+gen = torch.Generator().manual_seed(0)
+z, cb = torch.randn(n, d, generator=gen), torch.randn(k, d, generator=gen)
+run = (lambda: nearest_code(z, cb)) if which == "nearest_code" else bare_search(z, cb)
+nearest_code(z[:8], cb[:8]); bare_search(z[:8], cb[:8])()  # load the kernels before measuring
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+before = status("VmRSS:")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak resident set (VmHWM) to the current one
+run()
+print(status("VmHWM:") - before)
+"""
+
+
+def search_peak_bytes(n, d, k, which, device, threads) -> int | None:
+    """Peak memory of one search: cuda.max_memory_allocated, or on Linux the growth of the
+    peak resident set of a fresh process."""
+    if device.type == "cuda":
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        z, cb = torch.randn(n, d, generator=gen).to(device), torch.randn(k, d, generator=gen).to(device)
+        run = (lambda: nearest_code(z, cb)) if which == "nearest_code" else bare_search(z, cb)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(device) - base
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None  # not Linux: no resettable peak RSS
+    out = subprocess.run([sys.executable, "-c", _PEAK_CHILD, str(n), str(d), str(k), which, str(threads)],
+                         capture_output=True, text=True)
+    return int(out.stdout.strip()) if out.returncode == 0 else None
+
+
+def bench_search(configs, device, repeats, threads, peak=True) -> list[dict]:
+    rows = []
+    for n, d, k in configs:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        z, cb = torch.randn(n, d, generator=gen).to(device), torch.randn(k, d, generator=gen).to(device)
+        fns = {"nearest_code": lambda: nearest_code(z, cb), "bare addmm+argmin": bare_search(z, cb)}
+        res = interleaved(fns, device, repeats, warmup=1)
+        agree = (fns["nearest_code"]() == fns["bare addmm+argmin"]()).double().mean().item()
+        ref = res["bare addmm+argmin"]
+        for name, r in res.items():
+            b = search_peak_bytes(n, d, k, name, device, threads) if peak else None
+            rows.append({"N": n, "d": d, "K": k, "method": name, "min_ms": 1e3 * r["min"],
+                         "median_ms": 1e3 * r["median"], "ratio_min": r["min"] / ref["min"],
+                         "ratio_median": r["median"] / ref["median"],
+                         "peak_MiB": None if b is None else b / 2**20, "agreement": agree})
+    return rows
+
+
+def bench_layer(configs, device, repeats, vqp_configs=()) -> list[dict]:
+    """A training step (forward, losses, backward to the input, EMA update) against the bare search."""
+    rows = []
+    for n, d, k in configs:
+        z, _, g = _data(n, d, device)
+        fns = {}
+        for est in ("ste", "rotation"):
+            torch.manual_seed(0)
+            layer = rotvq.VectorQuantizer(d, k, estimator=est, ema=True, decay=0.99, commitment_weight=0.25,
+                                          init="normal", dead_code_threshold=0.0).to(device).train()
+
+            def step(layer=layer):
+                out = layer(z)
+                return torch.autograd.grad((out.quantized * g).sum() + out.loss, z)[0]
+
+            fns[f"rotvq.VectorQuantizer({est})"] = step
+        if VectorQuantize is not None and (n, d, k) in vqp_configs:
+            torch.manual_seed(0)
+            vq = VectorQuantize(dim=d, codebook_size=k, decay=0.99, commitment_weight=0.25, kmeans_init=False,
+                                rotation_trick=True, straight_through=False,
+                                threshold_ema_dead_code=0).to(device).train()
+
+            def vqp_step(vq=vq):
+                quantized, _, commit = vq(z.unsqueeze(0))  # vector-quantize-pytorch wants (batch, seq, dim)
+                return torch.autograd.grad((quantized[0] * g).sum() + commit.sum(), z)[0]
+
+            fns["vqp.VectorQuantize(rotation)"] = vqp_step
+        codebook = torch.randn(k, d, generator=torch.Generator().manual_seed(1)).to(device)
+        fns["bare addmm+argmin"] = bare_search(z.detach(), codebook)
+        res = interleaved(fns, device, repeats, warmup=1)
+        ref = res["bare addmm+argmin"]
+        rows += [{"N": n, "d": d, "K": k, "method": name, "min_ms": 1e3 * r["min"], "median_ms": 1e3 * r["median"],
+                  "ratio_min": r["min"] / ref["min"], "ratio_median": r["median"] / ref["median"]}
+                 for name, r in res.items()]
+    return rows
+
+
+# ------------------------------------------------------------------------------------
+# A full run
+
+
+def machine_info(device: torch.device) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {
+        "python": platform.python_version(), "torch": torch.__version__, "rotvq": rotvq.__version__,
+        "vector_quantize_pytorch": _package_version("vector-quantize-pytorch") if rotate_to else None,
+        "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _load() -> list[float] | None:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def run_all(device: torch.device, threads: list[int], quick: bool = False, repeats: int | None = None,
+            log=print) -> dict:
+    """Every group at every thread count; returns the results (see the module docstring)."""
+    reps = repeats or (5 if quick else 15)
+    shapes = [(n // 8, d) for n, d in SHAPES] if quick else SHAPES
+    configs = [(n // 8, d, k) for n, d, k in SEARCH_CONFIGS] if quick else SEARCH_CONFIGS
+    total = 2**18 if quick else 2**20
+    sweep = [(total // d, d) for d in (16, 32, 64, 128, 256, 512, 1024, 2048)]
+    results = {"machine": machine_info(device), "quick": quick, "repeats": reps, "runs": {}}
+    t_start = time.perf_counter()
+    for t in threads:
+        torch.set_num_threads(t)
+        run: dict = {"threads": t, "load": {}}
+        groups = [
+            ("estimators", lambda: bench_estimators(shapes, device, reps)),
+            ("compiled", lambda: bench_compiled(shapes, device, reps)),
+            ("sweep", lambda: bench_estimators(sweep, device, max(3, reps // 3), memory=False)),
+            ("search", lambda: bench_search(configs, device, max(3, reps // 3), t)),
+            ("layer", lambda: bench_layer(configs, device, max(3, reps // 3), vqp_configs=configs[:1])),
+        ]
+        for name, fn in groups:
+            before = _load()
+            t0 = time.perf_counter()
+            run[name] = fn()
+            run["load"][name] = {"before": before, "after": _load(), "seconds": time.perf_counter() - t0}
+            log(f"\n## {name}, {t} thread(s) (load average before/after: {before} / {_load()})\n")
+            log(fmt_table(run[name], COLS[name]))
+        results["runs"][str(t)] = run
+    results["seconds"] = time.perf_counter() - t_start
+    return results
+
+
+def fmt_table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
+    """A markdown table of ``rows`` with columns ``(key, header, format)``."""
+    head = "| " + " | ".join(c[1] for c in cols) + " |"
+    sep = "|" + "|".join("---" if c[2] == "s" else "---:" for c in cols) + "|"
+    lines = [head, sep]
+    for r in rows:
+        cells = []
+        for key, _, f in cols:
+            v = r.get(key)
+            cells.append("n/a" if v is None else (format(v, f) if f != "s" else str(v)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+_EST = [("N", "N", "d"), ("d", "d", "d"), ("method", "method", "s"), ("min_ms", "min ms", ".2f"),
+        ("median_ms", "median ms", ".2f"), ("ratio_min", "min / ref", ".2f"), ("ratio_median", "median / ref", ".2f")]
+COLS = {
+    "estimators": _EST + [("extra_MiB", "kept for backward beyond z, q (MiB)", ".1f")],
+    "compiled": _EST,
+    "sweep": _EST,
+    "search": [("N", "N", "d"), ("d", "d", "d"), ("K", "K", "d"), ("method", "method", "s"),
+               ("min_ms", "min ms", ".1f"), ("median_ms", "median ms", ".1f"), ("ratio_min", "min / bare", ".2f"),
+               ("peak_MiB", "peak MiB", ".0f"), ("agreement", "agreement", ".4f")],
+    "layer": [("N", "N", "d"), ("d", "d", "d"), ("K", "K", "d"), ("method", "method", "s"),
+              ("min_ms", "min ms", ".1f"), ("median_ms", "median ms", ".1f"), ("ratio_min", "min / bare", ".2f")],
+}

@@ -1,0 +1,130 @@
+"""The claim registry book/claims.yml and what is generated from it, and the code-to-book labels.
+
+* the registry is well formed: known fields, one of the four verdicts, no duplicate ids;
+* every evidence label exists in book/ (a ``(label)=`` target or a math ``:label:``);
+* each chapter's "Claims checked" table and the appendix page book/claim_audit.md are
+  exactly what tools/claims.py renders from the registry (run ``python tools/claims.py
+  --write`` after editing the registry);
+* every ``:eq:`` / ``:ref:`` label cited in a docstring or comment of ``rotvq/`` exists in book/.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import pathlib
+import re
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+_spec = importlib.util.spec_from_file_location("claims_tool", ROOT / "tools" / "claims.py")
+claims_tool = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(claims_tool)
+
+
+@pytest.fixture(scope="module")
+def claims():
+    return claims_tool.load()
+
+
+@pytest.fixture(scope="module")
+def labels():
+    return claims_tool.book_labels()
+
+
+def test_registry_is_well_formed(claims):
+    assert len(claims) >= 100
+    ids = [c["id"] for c in claims]
+    assert len(ids) == len(set(ids))
+    assert {c["verdict"] for c in claims} <= set(claims_tool.VERDICTS)
+    assert {c["source"] for c in claims} == set(claims_tool.SOURCES)  # every part of the source
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c.update(verdict="plausible"), "verdict"),
+        (lambda c: c.update(source="blog"), "source"),
+        (lambda c: c.pop("evidence"), "missing"),
+        (lambda c: c.update(evidence=[]), "evidence"),
+        (lambda c: c.update(colour="red"), "unknown field"),
+        (lambda c: c.update(claim=r"$|q|$ is small"), "Vert"),
+        (lambda c: c.update(note="{glue:text}`x`"), "glue"),
+        (lambda c: c.update(id="Bad_Id"), "id"),
+        (lambda c: c.pop("note", None) or c.pop("argument", None), "exactly one of note or argument"),
+    ],
+)
+def test_validate_rejects_malformed_entries(claims, change, message):
+    entry = copy.deepcopy(claims[0])
+    change(entry)
+    with pytest.raises(claims_tool.RegistryError, match=message):
+        claims_tool.validate([entry])
+
+
+def test_validate_rejects_duplicate_ids(claims):
+    with pytest.raises(claims_tool.RegistryError, match="duplicate"):
+        claims_tool.validate([claims[0], copy.deepcopy(claims[0])])
+
+
+def test_evidence_labels_exist(claims, labels):
+    missing = claims_tool.missing_evidence(claims, labels)
+    assert not missing, f"evidence labels not defined anywhere in book/: {missing}"
+
+
+def test_every_chapter_lists_claims(claims, labels):
+    for chapter in claims_tool.CHAPTERS:
+        assert any(claims_tool.chapter_of(c, labels) == chapter for c in claims), chapter
+
+
+@pytest.mark.parametrize("chapter", claims_tool.CHAPTERS)
+def test_chapter_table_matches_registry(claims, labels, chapter):
+    nb = claims_tool.nbformat.read(ROOT / "book" / f"{chapter}.ipynb", as_version=4)
+    i = claims_tool.table_cell(nb)
+    assert i is not None, f"book/{chapter}.ipynb has no '## Claims checked' cell"
+    expected = claims_tool.chapter_table(claims, chapter, labels)
+    assert nb.cells[i].source == expected, (
+        f"book/{chapter}.ipynb's claims table differs from book/claims.yml; "
+        "run `python tools/claims.py --write` (under the notebooks' flocks)")
+    heads = [c for c in nb.cells if c.cell_type == "markdown" and claims_tool.TABLE_HEADING in c.source]
+    assert len(heads) == 1, "a second, hand-written claims table"
+
+
+def test_audit_page_is_up_to_date(claims, labels):
+    page = ROOT / "book" / "claim_audit.md"
+    assert page.exists()
+    assert page.read_text(encoding="utf-8") == claims_tool.audit_page(claims, labels), (
+        "book/claim_audit.md is stale; run `python tools/claims.py --write`")
+
+
+def test_audit_page_counts_add_up(claims, labels):
+    text = claims_tool.audit_page(claims, labels)
+    row = next(line for line in text.splitlines() if line.startswith("| all |"))
+    assert row.rstrip(" |").endswith(str(len(claims)))
+    for c in claims:
+        assert f"`{c['id']}`" in text
+
+
+_CODE_ROLE = re.compile(r":(eq|ref):`([^`]+)`")
+
+
+def cited_labels() -> dict[str, list[str]]:
+    """label -> files of rotvq/ that cite it with :eq:`label` or :ref:`text <label>`."""
+    cited: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "rotvq").rglob("*.py")):
+        for role, body in _CODE_ROLE.findall(path.read_text(encoding="utf-8")):
+            m = re.search(r"<([^<>]+)>\s*$", body)
+            label = (m.group(1) if m else body).strip()
+            cited.setdefault(label, []).append(str(path.relative_to(ROOT)))
+    return cited
+
+
+def test_labels_cited_in_code_exist(labels):
+    cited = cited_labels()
+    missing = {lab: files for lab, files in cited.items() if lab not in labels}
+    assert not missing, f"labels cited in rotvq/ but not defined in book/: {missing}"
+
+
+def test_label_scanner_finds_both_kinds(labels):
+    assert labels["rot-fast"][1] == "eq" and labels["ch-rotation"][1] == "target"
+    assert "rot-check-code-forms" in labels and labels["rot-check-code-forms"][0] == "rotation"
