@@ -191,12 +191,15 @@ def chapter_table(claims: list[dict], chapter: str, labels: dict[str, tuple[str,
         "counterexample or a derivation refutes it) or *unsupported* (not testable as "
         "stated, or not reproduced here).",
         "",
+        # the container's class gives the table fixed column shares (book/_static/rotvq.css)
+        ":::{container} claims-table",
         "| claim of the source | where | verdict | evidence |",
         "| --- | --- | --- | --- |",
     ]
     for c in rows:
         ev = ", ".join(_link(e, labels) for e in c["evidence"])
         lines.append(f"| {_oneline(c['claim'])} | {_where(c)} | {_oneline(_status(c))} | {ev} |")
+    lines.append(":::")
     return "\n".join(lines)
 
 
@@ -238,6 +241,7 @@ def audit_page(claims: list[dict], labels: dict[str, tuple[str, str]]) -> str:
     out.append("| all | " + " | ".join(str(n) for n in tot) + f" | {sum(tot)} |")
     for s in SOURCES:
         out += ["", f"## {SOURCE_TITLES[s]}", "",
+                ":::{container} audit-table",
                 "| id | section | claim | verdict | evidence |",
                 "| --- | --- | --- | --- | --- |"]
         for c in claims:
@@ -246,6 +250,7 @@ def audit_page(claims: list[dict], labels: dict[str, tuple[str, str]]) -> str:
             ev = ", ".join(_link(e, labels) for e in c["evidence"])
             out.append(f"| `{c['id']}` | {c['section']} | {_oneline(c['claim'])} | "
                        f"{_oneline(_status(c))} | {ev} |")
+        out.append(":::")
     args = [c for c in claims if "argument" in c]
     if args:
         out += ["", "## Arguments", "",
