@@ -80,6 +80,8 @@ def set_backend(name: str) -> None:
 def compiled(fn, *args):
     """Run ``torch.compile(fn, dynamic=True)(*args)``; ``None`` if that fails.
 
+    Inductor settings that ``fn`` carries in an ``inductor_options`` attribute (a dict) are
+    passed to its compilation only (``torch.compile(..., options=...)``), never set globally.
     The compiled callable is made once per ``fn`` and torch thread count. Any exception raised while compiling
     or running the compiled kernel switches the backend to ``"eager"``, warns once with
     :class:`BackendFallbackWarning` and returns ``None``: the caller then answers the
@@ -93,7 +95,8 @@ def compiled(fn, *args):
         # of the code object gives each its own compilation cache.
         code = fn.__code__.replace(co_name=f"{fn.__name__}_threads{key[1]}")
         copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
-        kernel = _kernels[key] = torch.compile(copy, dynamic=True)
+        options = getattr(fn, "inductor_options", None)  # inductor settings for this kernel only
+        kernel = _kernels[key] = torch.compile(copy, dynamic=True, options=options)
     try:
         return kernel(*args)
     except Exception as err:  # noqa: BLE001 - a compiler failure has many types

@@ -249,18 +249,34 @@ def _healthy(nz, nq, c, eps_in):
     return ok & (nz > eps_in * nq)
 
 
-def _span_kernel(g, z, q, params, eps_in: float):
+def _per_row(x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """``x`` itself (``(n,)``), written as a reduction over the zeros ``pad`` so that
+    inductor computes it once per row inside the fused row loop (see :func:`_span_kernel`)."""
+    return (x[:, None] + pad).amin(-1)
+
+
+def _span_kernel(g, z, q, params, pad, eps_in: float):
     """The whole span form on rows ``(n, d)``: the fused kernel of the compiled backend.
 
     Args:
         g, z, q: ``(n, d)`` in the input dtype.
         params: ``(5,)`` tensor ``[m, lo, hi, u, tau]`` of the variant, in the compute
             dtype (a tensor, so one compiled kernel serves every variant).
+        pad: ``(8,)`` zeros in the compute dtype (one SIMD vector; see below).
         eps_in: machine epsilon of the input dtype.
 
     Returns:
         ``(G^T g, healthy)``: ``(n, d)`` in the input dtype (rows that are not healthy
-        may hold inf/NaN) and the ``(n,)`` boolean mask of :func:`_healthy`.
+        may hold inf/NaN) and ``(n,)`` in the compute dtype, 1 on the rows that
+        :func:`_healthy` accepts and 0 elsewhere.
+
+    Compiled with :data:`_SPAN_KERNEL_OPTIONS`, inductor's C++ code is one loop over the
+    rows with three inner loops: the five dot products, the per-row coefficients and
+    the flag, the output row. The rows of ``z``, ``q``, ``g`` are read from memory once
+    (the second read hits the cache). The per-row values go through :func:`_per_row`:
+    a reduction over ``pad`` keeps them in that row loop, where a plain ``(n,)`` tensor
+    would be computed in a separate loop vectorised across rows, which splits the
+    kernel into three passes over the data.
     """
     cd = params.dtype
     g_, z_, q_ = g.to(cd), z.to(cd), q.to(cd)
@@ -272,8 +288,32 @@ def _span_kernel(g, z, q, params, eps_in: float):
     k = (a + (z_ * g_).sum(-1) * inz) / (1 + c)
     m, lo, hi, u, tau = params.unbind(0)
     alpha, czh, cqh = _span_coefficients(_scale(nq * inz, m, lo, hi), u, tau, a, k)
-    out = alpha[:, None] * g_ + (czh * inz)[:, None] * z_ + (cqh * inq)[:, None] * q_
-    return out.to(g.dtype), _healthy(nz, nq, c, eps_in)
+    alpha, bz, bq = _per_row(alpha, pad), _per_row(czh * inz, pad), _per_row(cqh * inq, pad)
+    healthy = _per_row(_healthy(nz, nq, c, eps_in).to(cd), pad)
+    out = alpha[:, None] * g_ + bz[:, None] * z_ + bq[:, None] * q_
+    return out.to(g.dtype), healthy
+
+
+#: Inductor settings for :func:`_span_kernel` (passed to its ``torch.compile`` only):
+#: never store a per-row intermediate as its own buffer, so the whole kernel stays in the
+#: one fused loop over rows.
+_SPAN_KERNEL_OPTIONS = {
+    "realize_reads_threshold": 1000,
+    "realize_opcount_threshold": 10000,
+    "realize_cpu_opcount_threshold": 10000,
+    "realize_acc_reads_threshold": 1000,
+    "realize_cpu_acc_reads_threshold": 1000,
+}
+_span_kernel.inductor_options = _SPAN_KERNEL_OPTIONS
+_PADS: dict = {}  # (dtype, device) -> the zeros of _span_kernel
+
+
+def _pad(dtype: torch.dtype, device) -> torch.Tensor:
+    key = (dtype, torch.device(device))
+    pad = _PADS.get(key)
+    if pad is None:
+        pad = _PADS[key] = torch.zeros(8, dtype=dtype, device=device)
+    return pad
 
 
 def _perpendicular(e1: torch.Tensor) -> torch.Tensor:
@@ -417,9 +457,10 @@ class _RotationFamily(JacobianSurrogate):
         eps_in = input_eps(z.dtype)
         if get_backend() == "compiled" and not self.variant.reflect and n >= 2 and d >= 2:
             result = backend_compiled(_span_kernel, g2.contiguous(), z2.contiguous(), q2.contiguous(),
-                                      self.variant.params(cd, z.device), eps_in)
+                                      self.variant.params(cd, z.device), _pad(cd, z.device), eps_in)
             if result is not None:  # None: compilation failed, the backend is eager again
                 out, healthy = result
+                healthy = healthy > 0
                 if not bool(healthy.all()):
                     bad = (~healthy).nonzero().squeeze(-1)
                     out[bad] = self._precise(g2[bad].to(cd), z2[bad].to(cd), q2[bad].to(cd), eps_in).to(g.dtype)
