@@ -293,13 +293,19 @@ def broken_links(links: list[str]) -> list[str]:
     return problems
 
 
-@pytest.fixture(scope="module")
-def browser(request):
+def _require_book_and_browser(config: pytest.Config) -> None:
+    """Skip (plain ``pytest``) or fail (``--browser-check``, as CI runs it) without a built
+    book or a Chromium."""
     reason = _missing_reason()
     if reason:
-        if request.config.getoption("--browser-check"):
+        if config.getoption("--browser-check"):
             pytest.fail(f"--browser-check: {reason}", pytrace=False)
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser(request):
+    _require_book_and_browser(request.config)
     instance = Browser(CHROMIUM)
     yield instance
     instance.close()
@@ -344,11 +350,7 @@ def test_page_reads_offline(browser, page):
 
 def test_pages_were_found(request):
     """The check must have pages to look at, and must cover every chapter of the toc."""
-    reason = _missing_reason()
-    if reason:
-        if request.config.getoption("--browser-check"):
-            pytest.fail(f"--browser-check: {reason}", pytrace=False)
-        pytest.skip(reason)
+    _require_book_and_browser(request.config)
     names = {p.name for p in PAGES}
     toc = (ROOT / "_toc.yml").read_text(encoding="utf-8")
     expected = {
