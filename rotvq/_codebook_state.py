@@ -108,20 +108,27 @@ class CodebookState:
             self.embed_sum.copy_(self.embedding)
         self.initialized.fill_(True)
 
-    def _statistics(self, flat: torch.Tensor, zs: torch.Tensor, codes: torch.Tensor, indices: torch.Tensor,
-                    w: torch.Tensor | None, bad: torch.Tensor, acc: torch.dtype) -> _Stats:
-        """Counts, sums (EMA only) and sums of norms over the real rows, packed in one tensor."""
+    def _statistics(self, z_norm_rows: torch.Tensor, err_rows: torch.Tensor, zs: torch.Tensor,
+                    table: torch.Tensor, indices: torch.Tensor, w: torch.Tensor | None, bad: torch.Tensor,
+                    acc: torch.dtype) -> _Stats:
+        """Counts, sums (EMA only) and sums of norms over the real rows, packed in one tensor.
+
+        ``z_norm_rows`` and ``err_rows`` are the per-row ``|z|`` and ``|z - q|^2`` the
+        forward already computed; the sum of ``|q|`` over the rows is ``Σ_k n_k |e_k|``.
+        """
         k = self.codebook_size
         ones = torch.ones_like(indices, dtype=acc) if w is None else w[:, 0]  # (N,) 1 for real rows
-        za, qa = zs.to(acc), codes.to(acc)
-        per_row = torch.stack([flat.to(acc).norm(dim=1), qa.norm(dim=1), (za - qa).pow(2).sum(1)], 1)
+        per_row = torch.stack([z_norm_rows, err_rows], 1)  # (N, 2)
         if w is not None:  # masked rows may hold anything (NaN too): select, never multiply
             per_row = torch.where(w > 0, per_row, torch.zeros_like(per_row))
-        parts = [torch.zeros(k, dtype=acc, device=flat.device).index_add_(0, indices, ones),
-                 ones.sum()[None], per_row.sum(0), bad.sum().to(acc)[None]]
+        counts = torch.zeros(k, dtype=acc, device=zs.device).index_add_(0, indices, ones)
+        q_norm_sum = (counts * torch.linalg.vector_norm(table.to(acc), dim=1)).sum()
+        sums = per_row.sum(0)
+        parts = [counts, ones.sum()[None], sums[:1], q_norm_sum[None], sums[1:], bad.sum().to(acc)[None]]
         if self.ema:
+            za = zs.to(acc)
             rows = za if w is None else torch.where(w > 0, za, torch.zeros_like(za))
-            parts.append(torch.zeros(k, self.dim, dtype=acc, device=flat.device).index_add_(0, indices, rows)
+            parts.append(torch.zeros(k, self.dim, dtype=acc, device=zs.device).index_add_(0, indices, rows)
                          .reshape(-1))
         return _Stats(torch.cat(parts), k, self.dim)
 

@@ -51,7 +51,8 @@ try:  # optional benchmark extra: pip install rotvq[bench]
 except ImportError:  # pragma: no cover - depends on the environment
     VectorQuantize = rotate_to = None
 
-__all__ = ["SHAPES", "SEARCH_CONFIGS", "RESULTS_FILE", "load_results", "run_all", "interleaved",
+__all__ = ["SHAPES", "SEARCH_CONFIGS", "RESULTS_FILE", "FLOOR", "load_results", "run_all", "interleaved",
+           "traffic_floor",
            "saved_for_backward", "estimator_methods", "bench_estimators", "bench_compiled",
            "bench_search", "bench_layer", "fmt_table"]
 
@@ -215,6 +216,27 @@ def _data(n, d, device, seed=0):
     return z, q, g
 
 
+#: Name of the traffic floor in the estimator tables.
+FLOOR = "floor: addcmul(g, z, q)"
+
+
+def traffic_floor(z, q, g):
+    """One elementwise pass that reads ``g``, ``z``, ``q`` and writes one ``(N, d)`` tensor:
+    the memory traffic any backward that needs all three must do, the floor of
+    ``G^T g`` for a ``G`` that depends on ``z`` and ``q``."""
+    z = z.detach()
+    return lambda: torch.addcmul(g, z, q)
+
+
+def _floor_row(n, d, res, ref, memory):
+    r = res[FLOOR]
+    row = {"N": n, "d": d, "method": FLOOR, "min_ms": 1e3 * r["min"], "median_ms": 1e3 * r["median"],
+           "ratio_min": r["min"] / ref["min"], "ratio_median": r["median"] / ref["median"]}
+    if memory:
+        row.update(saved_MiB=None, extra_MiB=None)
+    return row
+
+
 def bench_estimators(shapes, device, repeats, dense_elements=2**20, memory=True) -> list[dict]:
     """Forward + backward of every estimator method, ratios to the textbook STE."""
     rows = []
@@ -231,8 +253,10 @@ def bench_estimators(shapes, device, repeats, dense_elements=2**20, memory=True)
             else:
                 fns[name] = fwd_bwd(fn, z, q, g)
                 scale[name] = (1.0, z, q)
+        fns[FLOOR] = traffic_floor(z, q, g)
         res = interleaved(fns, device, repeats)
         ref = res["textbook_ste"]
+        rows.append(_floor_row(n, d, res, ref, memory))
         for name in methods:
             s, zz, qq = scale[name]
             r = res[name]
@@ -248,7 +272,11 @@ def bench_estimators(shapes, device, repeats, dense_elements=2**20, memory=True)
 
 
 def bench_compiled(shapes, device, repeats) -> list[dict]:
-    """``torch.compile(fullgraph=True)`` of the textbook STE against the rotation trick."""
+    """``torch.compile(fullgraph=True)`` of the textbook STE against the rotation trick.
+
+    The compiled textbook STE is one pass (reads ``z``, ``q``, writes ``z_q``) and its
+    backward passes ``g`` on: its traffic is three ``(N, d)`` tensors, below the four of
+    any backward that reads ``z``, ``q`` and ``g`` (the :func:`traffic_floor` row)."""
     rotation = torch.compile(rotvq.rotation_trick, fullgraph=True, dynamic=True)
     fns_by_name = {
         "compiled textbook_ste": torch.compile(textbook_ste, fullgraph=True, dynamic=True),
@@ -258,7 +286,9 @@ def bench_compiled(shapes, device, repeats) -> list[dict]:
     rows = []
     for n, d in shapes:
         z, q, g = _data(n, d, device)
-        res = interleaved({k: fwd_bwd(f, z, q, g) for k, f in fns_by_name.items()}, device, repeats)
+        fns = {k: fwd_bwd(f, z, q, g) for k, f in fns_by_name.items()}
+        fns[FLOOR] = traffic_floor(z, q, g)
+        res = interleaved(fns, device, repeats)
         ref = res["compiled textbook_ste"]
         rows += [{"N": n, "d": d, "method": k, "min_ms": 1e3 * r["min"], "median_ms": 1e3 * r["median"],
                   "ratio_min": r["min"] / ref["min"], "ratio_median": r["median"] / ref["median"]}
@@ -337,7 +367,11 @@ def bench_search(configs, device, repeats, threads, peak=True) -> list[dict]:
 
 
 def bench_layer(configs, device, repeats, vqp_configs=()) -> list[dict]:
-    """A training step (forward, losses, backward to the input, EMA update) against the bare search."""
+    """A training step (forward, losses, backward to the input, EMA update) against the bare search.
+
+    The gradient ``g`` arriving at ``quantized`` is passed to autograd as given (as in
+    the estimator groups): forming a surrogate loss ``(quantized * g).sum()`` would time
+    two ``N x D`` passes that belong to the decoder, not to the layer."""
     rows = []
     for n, d, k in configs:
         z, _, g = _data(n, d, device)
@@ -348,8 +382,8 @@ def bench_layer(configs, device, repeats, vqp_configs=()) -> list[dict]:
                                           init="normal", dead_code_threshold=0.0).to(device).train()
 
             def step(layer=layer):
-                out = layer(z)
-                return torch.autograd.grad((out.quantized * g).sum() + out.loss, z)[0]
+                out = layer(z)  # g is the gradient arriving at `quantized` (the decoder's, not timed)
+                return torch.autograd.grad([out.quantized, out.loss], z, [g, None])[0]
 
             fns[f"rotvq.VectorQuantizer({est})"] = step
         if VectorQuantize is not None and (n, d, k) in vqp_configs:
@@ -360,7 +394,7 @@ def bench_layer(configs, device, repeats, vqp_configs=()) -> list[dict]:
 
             def vqp_step(vq=vq):
                 quantized, _, commit = vq(z.unsqueeze(0))  # vector-quantize-pytorch wants (batch, seq, dim)
-                return torch.autograd.grad((quantized[0] * g).sum() + commit.sum(), z)[0]
+                return torch.autograd.grad([quantized, commit.sum()], z, [g.unsqueeze(0), None])[0]
 
             fns["vqp.VectorQuantize(rotation)"] = vqp_step
         codebook = torch.randn(k, d, generator=torch.Generator().manual_seed(1)).to(device)

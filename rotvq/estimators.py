@@ -30,6 +30,7 @@ import torch
 
 from ._checks import check_vector_pair
 from .operators import (
+    _CPU_CHUNK_ELEMENTS,
     ClippedRotation,
     Dense,
     Householder,
@@ -72,6 +73,78 @@ class _SurrogateSTE(torch.autograd.Function):
             z, q = ctx.saved_tensors
             return op.vjp(g, z, q), None, None
         return op.vjp(g, g, g), None, None  # G does not depend on (z, q)
+
+
+def _row_blocks(x: torch.Tensor) -> list[slice]:
+    """Slices of the rows of ``x`` ``(N, D)``, cache-sized on CPU (one slice elsewhere)."""
+    n, d = x.shape
+    if torch.compiler.is_compiling():
+        return [slice(None)]  # one block: no loop over a symbolic size in a compiled graph
+    step = max(1, n if x.device.type != "cpu" else _CPU_CHUNK_ELEMENTS // max(d, 1))
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)] or [slice(0, 0)]
+
+
+class _SurrogateSTEWithError(torch.autograd.Function):
+    """:class:`_SurrogateSTE` plus the per-row squared error ``|z - t|^2`` (the commitment
+    term of a VQ layer, ``t`` the code) in one node.
+
+    Forward: ``(q, e)`` with ``e_i = |z_i - t_i|^2`` in ``acc``. Backward: ``G^T g +
+    2 g_e (z - t)`` written into one buffer. ``z - t`` is formed block by block (in
+    cache), never as a whole ``(N, D)`` tensor, and the commitment gradient is added in
+    place to the estimator's instead of being materialised and accumulated separately.
+    """
+
+    @staticmethod
+    def forward(ctx, z, q, target, op, acc):
+        parts = [torch.linalg.vector_norm(z[b].to(acc) - target[b].to(acc), dim=1) for b in _row_blocks(z)]
+        ctx.op, ctx.acc = op, acc
+        ctx.save_for_backward(z, q, target)
+        return q, (parts[0] if len(parts) == 1 else torch.cat(parts)).square()
+
+    @staticmethod
+    def backward(ctx, g, g_err):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        z, q, target = ctx.saved_tensors
+        op, acc = ctx.op, ctx.acc
+        if g is None:
+            base = None
+        elif isinstance(op, Identity):
+            base = g  # straight-through: G^T g = g (the caller's tensor: never written in place)
+        else:
+            base = op.vjp(g, z, q) if op.needs_inputs else op.vjp(g, g, g)  # a fresh tensor
+        if g_err is None:
+            return base, None, None, None, None
+        coef = (2 * g_err)[:, None]
+        if base is not None and base is not g and base.dtype == acc:
+            out = base  # add the commitment gradient in place
+        else:
+            out = torch.empty(z.shape, dtype=acc, device=z.device)
+        for b in _row_blocks(z):
+            diff = z[b].to(acc) - target[b].to(acc)
+            if base is None:
+                torch.mul(diff, coef[b], out=out[b])
+            else:
+                torch.addcmul(base[b].to(acc), diff, coef[b], out=out[b])
+        return out.to(z.dtype), None, None, None, None
+
+
+def _apply_with_error(z: torch.Tensor, q: torch.Tensor, target: torch.Tensor, op,
+                      acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(estimator(z, q), |z - target|^2 per row)`` for rows ``(N, D)``, the error in
+    ``acc`` and differentiable in ``z`` only (``target``: the codes before their cast to
+    ``z``'s dtype)."""
+    if not (torch.is_grad_enabled() and z.requires_grad):
+        with torch.no_grad():
+            return q, _SurrogateSTEWithError.forward(_NoContext(), z, q, target, op, acc)[1]
+    return _SurrogateSTEWithError.apply(z, q, target, op, acc)
+
+
+class _NoContext:
+    """Stands in for autograd's ctx when the forward runs without a graph."""
+
+    def save_for_backward(self, *tensors):
+        pass
 
 
 def generalized_ste(z: torch.Tensor, q: torch.Tensor, G) -> torch.Tensor:

@@ -48,7 +48,7 @@ from torch import nn
 from . import distributed as D_
 from ._checks import at_least_float32, check_nonnegative_int, check_positive_int, generator_device
 from ._codebook_state import DEAD_CODE_PATIENCE, CodebookState, compiling
-from .estimators import SURROGATE_NAMES, _apply, get_surrogate
+from .estimators import SURROGATE_NAMES, _apply_with_error, get_surrogate
 from .kmeans import kmeans
 from .operators import JacobianSurrogate
 from .search import DEFAULT_MEMORY_BUDGET, DISTANCES, nearest_code
@@ -187,7 +187,8 @@ class VectorQuantizer(CodebookState, nn.Module):
 
     Bad batches. An input with NaN or inf in an unmasked row raises
     ``ValueError`` (how many rows, the first index) before any state change. The
-    check costs one ``isfinite`` reduction over the input (one read of ``z``) and
+    check reuses the rows' norms that the statistics need anyway (a finite norm
+    proves a finite row; only rows with a non-finite norm are read again) and costs
     one host synchronisation per call. With synchronisation, the count is summed
     over ranks first, so every rank raises together. Under ``torch.compile`` no
     exception can be raised from data: there a bad batch leaves the whole state
@@ -364,7 +365,10 @@ class VectorQuantizer(CodebookState, nn.Module):
         flat, cf, lead = self._to_rows(z)  # (N, D)
         real = self._check_mask(mask, lead, z)  # (N,) bool or None
         group = D_.resolve_group(self.sync, self.process_group) if self.training else None
-        bad = ~torch.isfinite(flat).all(1)  # (N,)
+        acc = at_least_float32(torch.promote_types(self.embedding.dtype, z.dtype))
+        with torch.no_grad():
+            z_norm_rows = torch.linalg.vector_norm(flat.detach().to(acc), dim=1)  # (N,) reused by the statistics
+        bad = _nonfinite_rows(flat.detach(), z_norm_rows)  # (N,)
         if real is not None:
             bad = bad & real
         if self.training and self._needs_setup:
@@ -381,22 +385,27 @@ class VectorQuantizer(CodebookState, nn.Module):
         if real is not None:  # masked rows become their own code: zero loss, zero gradient, never NaN
             zs = torch.where(real[:, None], zs, q.to(zs.dtype))
         # estimate: forward value exactly q; backward sends G^T g to z (STE, rotation trick, ...)
-        z_q = _apply(zs, q, self._op)
+        # and |z - q|^2 per row (the commitment term), in one autograd node
+        z_q, err_rows = _apply_with_error(zs, q, codes.detach(), self._op, acc)
+        if real is not None:  # exactly 0 on masked rows (z := q there, but q may be a rounded code)
+            err_rows = torch.where(real, err_rows, torch.zeros_like(err_rows))
 
         # losses (this rank's real rows; DDP averages their gradients)
-        acc = at_least_float32(torch.promote_types(codes.dtype, z.dtype))
         w = None if real is None else real.to(acc)[:, None]  # (N, 1)
         n_local = flat.new_tensor(flat.shape[0], dtype=acc) if w is None else w.sum()
         entries = (n_local * self.dim).clamp_min(1)
-        codebook_loss = (codes.to(acc) - zs.detach().to(acc)).pow(2).sum() / entries
-        commitment_loss = (zs.to(acc) - codes.detach().to(acc)).pow(2).sum() / entries
+        commitment_loss = err_rows.sum() / entries
         loss = self.commitment_weight * commitment_loss
-        if not self.ema:  # with EMA the codebook term moves nothing: the EMA update replaces it
+        if self.ema:  # the codebook term moves nothing (the EMA update replaces it): its value only
+            codebook_loss = commitment_loss.detach()  # (q - z)^2 == (z - q)^2 bitwise
+        else:
+            codebook_loss = (codes.to(acc) - zs.detach().to(acc)).pow(2).sum(1).sum() / entries
             loss = loss + self.codebook_weight * codebook_loss
 
         # statistics (global batch with synchronisation), then the update
         with torch.no_grad():
-            stats = self._statistics(flat.detach(), zs.detach(), codes.detach(), indices, w, bad, acc)
+            stats = self._statistics(z_norm_rows, err_rows.detach(), zs.detach(), table.detach(), indices, w,
+                                     bad, acc)
             D_.all_reduce_sum(stats.packed, group)
             counts, n, sums = stats.unpack()
             self._raise_if_bad(stats.bad_global, bad, lead)
@@ -471,3 +480,19 @@ class VectorQuantizer(CodebookState, nn.Module):
         """``m <= n`` distinct row indices in ``[0, n)``, drawn with the layer's generator."""
         dev = generator_device(self.generator, device)
         return torch.randperm(n, generator=self.generator, device=dev)[:m].to(device)
+
+
+def _nonfinite_rows(flat: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` bool, True on the rows of ``flat`` that hold a NaN or an inf.
+
+    ``norms`` are the rows' 2-norms: a finite norm proves a finite row, so in eager mode
+    only the rows with a non-finite norm (non-finite entries, or a sum of squares that
+    overflows) are read again. Compiled code checks every entry (no data-dependent shapes).
+    """
+    if compiling():
+        return ~torch.isfinite(flat).all(1)
+    suspect = ~torch.isfinite(norms)
+    if bool(suspect.any()):
+        rows = suspect.nonzero().squeeze(1)
+        suspect[rows] = ~torch.isfinite(flat[rows]).all(1)
+    return suspect

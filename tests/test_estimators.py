@@ -428,3 +428,52 @@ def test_cuda_matches_cpu():
         _, a = backward(lambda x, y: rotvq.apply_estimator(x, y, name), z, q, g)
         _, b = backward(lambda x, y: rotvq.apply_estimator(x, y, name), z.cuda(), q.cuda(), g.cuda())
         assert torch.allclose(a, b.cpu(), atol=1e-12), name
+
+
+@pytest.mark.parametrize("name", ["ste", "rotation", "rotation_tangent", "householder"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("which", ["both", "estimator", "error"])
+def test_estimator_with_error_matches_unfused(name, dtype, which):
+    """The VQ layer's fused node (estimator + per-row |z - t|^2) gives the values and the
+    gradient of the two separate expressions, over several cache blocks of rows."""
+    from rotvq.estimators import _apply_with_error
+
+    gen = torch.Generator().manual_seed(3)
+    n, d = 5000, 128  # 640k entries: more than one row block on CPU
+    z0 = torch.randn(n, d, generator=gen).to(dtype)
+    t = torch.randn(n, d, generator=gen)  # the codes, float32 (the layer's table dtype)
+    q = t.to(dtype)
+    g = torch.randn(n, d, generator=gen).to(dtype)
+    w = torch.rand(n, generator=gen)
+    acc = torch.promote_types(dtype, torch.float32)
+    op = rotvq.get_surrogate(name)
+
+    z = z0.clone().requires_grad_(True)
+    zq, err = _apply_with_error(z, q, t, op, acc)
+    assert torch.equal(zq, q) and err.dtype == acc
+    outs, grads = {"both": ([zq, err], [g, w]), "estimator": ([zq], [g]), "error": ([err], [w])}[which]
+    (fused,) = torch.autograd.grad(outs, z, grads)
+
+    zr = z0.clone().requires_grad_(True)
+    ref_err = (zr.to(acc) - t.to(acc)).pow(2).sum(1)
+    torch.testing.assert_close(err, ref_err.detach(), rtol=1e-5, atol=1e-4)
+    ref_outs = {"both": [rotvq.apply_estimator(zr, q, op), ref_err], "estimator": [rotvq.apply_estimator(zr, q, op)],
+                "error": [ref_err]}[which]
+    (ref,) = torch.autograd.grad(ref_outs, zr, grads)
+    assert fused.dtype == dtype
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(fused, ref, **tol)
+    if name == "ste" and which == "estimator":
+        assert torch.equal(fused, g)  # straight-through: the gradient itself
+
+
+def test_estimator_with_error_does_not_write_into_upstream_gradient():
+    from rotvq.estimators import _apply_with_error
+
+    z = torch.randn(64, 8, requires_grad=True)
+    t = torch.randn(64, 8)
+    g = torch.randn(64, 8)
+    keep = g.clone()
+    zq, err = _apply_with_error(z, t, t, rotvq.get_surrogate("ste"), torch.float32)
+    torch.autograd.grad([zq, err.sum()], z, [g, None])
+    assert torch.equal(g, keep)

@@ -244,3 +244,47 @@ def test_fullgraph_compile_matches_eager(distance):
     got = compiled(z, e)
     assert torch.equal(got, nearest_code(z, e, distance=distance))
     assert got[-3:].tolist() == [5, 5, 5]
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+@pytest.mark.parametrize("precision", ["highest", "medium"])
+def test_certified_rows_agree_with_float64_near_ties(monkeypatch, distance, precision):
+    """float32 search with many near-ties: rows whose two best expanded scores are farther
+    apart than the rounding bound skip the direct re-comparison; every answer still agrees
+    with float64 brute force wherever float64 separates the two best codes."""
+    S = search_module
+    gen = torch.Generator().manual_seed(5)
+    k, d = 257, 48
+    codes = torch.randn(k, d, generator=gen) + 20.0  # far from the origin: large |z| |e| terms
+    i, j = torch.randint(0, k, (2, 4000), generator=gen)
+    mid = 0.5 * (codes[i] + codes[j])  # midpoints of two codes: near-ties
+    z = torch.cat([mid + 1e-5 * torch.randn(mid.shape, generator=gen),
+                   codes[i] + 0.3 * torch.randn(mid.shape, generator=gen)])
+    refined = []
+    real_refine = S._refine
+    monkeypatch.setattr(S, "_refine", lambda b, c, cand, dist: refined.append(b.clone()) or real_refine(b, c, cand, dist))
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        got = nearest_code(z, codes, distance=distance)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    z64, c64 = z.double(), codes.double()
+    if distance == "euclidean":
+        dist = torch.cdist(z64, c64, compute_mode="donot_use_mm_for_euclid_dist").pow(2)
+    else:
+        dist = -(F.normalize(z64, dim=1) @ F.normalize(c64, dim=1).T)
+    best2 = dist.topk(2, dim=1, largest=False)
+    rows = torch.cat(refined) if refined else z[:0]
+    probe = torch.randn(d, generator=gen, dtype=torch.float64)  # a row's key: its projection, in float64
+    was_refined = torch.isin(z64 @ probe, rows.double() @ probe)
+    assert int(was_refined.sum()) > 0
+    if precision == "highest":  # some rows certified; with bfloat16 products ("medium") the bound is loose
+        assert int(was_refined.sum()) < z.shape[0]
+    certified = ~was_refined
+    # a certified row is the exact nearest code of the float32 data (float64 decides it)
+    assert torch.equal(got[certified], best2.indices[certified, 0])
+    # re-compared rows: exact wherever the two best are apart by more than float32 resolution
+    gap = (best2.values[:, 1] - best2.values[:, 0]) / best2.values[:, 0].abs().clamp_min(1)
+    clear = was_refined & (gap > 1e-4)
+    assert torch.equal(got[clear], best2.indices[clear, 0])
