@@ -17,7 +17,8 @@ Groups (forward + backward of ``z_q`` with a fixed upstream gradient ``g``):
   ``rotvq.rotation_trick`` under the eager and the compiled backend
   (:mod:`rotvq.backend`), the rotation trick in plain autograd operations, the explicit
   ``d × d`` route (timed on a subset of rows and scaled to ``N``, marked ``*``) and
-  ``vector_quantize_pytorch``'s ``rotate_to`` when installed;
+  ``vector_quantize_pytorch``'s ``rotate_to`` when installed, and the traffic floor
+  (:func:`traffic_floor`);
 * ``compiled``: ``torch.compile(fullgraph=True)`` of a function calling the textbook
   STE (reference) against the same for ``rotvq.rotation_trick``, under each backend
   (inside a compiled graph the backward is one custom operator that runs the backend);
@@ -26,7 +27,8 @@ Groups (forward + backward of ``z_q`` with a fixed upstream gradient ``g``):
   over the whole ``N × K`` score matrix (code norms precomputed), with agreement and
   peak memory;
 * ``layer``: a training step of :class:`rotvq.VectorQuantizer` (EMA codebook, STE and
-  rotation) against the bare search alone.
+  rotation) against the bare search alone, with :func:`rotvq.nearest_code` in the same
+  rounds (the search the step runs).
 """
 from __future__ import annotations
 
@@ -301,7 +303,7 @@ def bench_compiled(shapes, device, repeats) -> list[dict]:
 
 
 def bare_search(z, codebook):
-    """The matrix-multiply limit: one ``addmm`` over the whole ``N × K`` matrix and ``argmin``
+    """The unchunked brute-force baseline: one ``addmm`` over the whole ``N × K`` matrix and ``argmin``
     (code norms computed once, outside the timing)."""
     norms = (codebook * codebook).sum(1)
     return lambda: torch.addmm(norms, z, codebook.t(), alpha=-2.0).argmin(1)
@@ -398,6 +400,7 @@ def bench_layer(configs, device, repeats, vqp_configs=()) -> list[dict]:
 
             fns["vqp.VectorQuantize(rotation)"] = vqp_step
         codebook = torch.randn(k, d, generator=torch.Generator().manual_seed(1)).to(device)
+        fns["nearest_code"] = lambda codebook=codebook: nearest_code(z.detach(), codebook)
         fns["bare addmm+argmin"] = bare_search(z.detach(), codebook)
         res = interleaved(fns, device, repeats, warmup=1)
         ref = res["bare addmm+argmin"]

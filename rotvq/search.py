@@ -12,10 +12,12 @@ Distances. For the Euclidean distance the squared distance is expanded as
 ``|z - e|^2 = |z|^2 - 2 z.e + |e|^2``. The term ``|z|^2`` is the same for every
 code of one query, so it does not change the argmin and is left out: each chunk
 computes the score ``|e|^2 - 2 z.e`` with one ``torch.addmm``, after moving
-queries and codes by the codebook mean ``m`` (distances do not change). Both
-steps reduce rounding: no cancellation of a large ``|z|^2`` against ``2 z.e``,
-and errors scale with ``|z - m| |e - m|`` instead of ``|z| |e|`` (this matters
-for codes clustered far from the origin). For the
+queries and codes by the codebook mean ``m`` and dividing the codes by the power of
+two ``2^p`` that brings ``max_k |e_k - m|`` into ``[1/2, 1)`` (the score becomes
+``2^-p (|e - m|^2 - 2 (z - m).(e - m))``, the same order; the scaling is exact). These steps reduce rounding: no cancellation of a large ``|z|^2``
+against ``2 z.e``, errors scale with ``|z - m| |e - m|`` instead of ``|z| |e|`` (this
+matters for codes clustered far from the origin), and squares of tiny or huge codes
+neither underflow nor overflow. For the
 cosine "distance" the search returns the argmax of the cosine similarity
 ``z.e / (|z| |e|)``; ``|z|`` is constant per query, so the score is ``-z.e/|e|``
 (codes of norm zero get similarity 0; a query of norm zero has similarity 0
@@ -29,28 +31,36 @@ differently), so the search does three things to stay exact and consistent:
    always gets the duplicate's lowest index;
 2. the two best codes by the expanded score are compared again with the direct
    formula (``sum_i (z_i - e_i)^2``, or ``-sum_i z_i e_i`` with unit codes for
-   cosine), computed row by row, so the result does not depend on the chunk size;
-   on CPU, outside ``torch.compile``, only the rows that need it are: every score is
-   within ``b = (2D + 16) u (|a| |z - m| R + R^2)`` of its exact value (``u`` the unit
-   roundoff of the product, TF32 or bfloat16 when ``torch.set_float32_matmul_precision``
-   allows them; ``R = max_k |e_k - m|``; ``a`` = -2, or -1 and no ``R^2`` for cosine),
-   so a row whose two best scores differ by more than ``2b`` has a unique nearest
+   cosine), computed row by row. On CPU outside ``torch.compile`` only the rows that
+   need it are, and in float64. The expanded score of code ``k`` (after shifting
+   and scaling) is within ``b = γ_n (|a| |x| R + R^2)`` (plus a term of the order of
+   the smallest normal number) of its exact value ``|x - y_k|^2 - |x|^2`` (Euclidean;
+   ``x`` the shifted query, ``y_k`` the shifted code) or ``a x.e_k/|e_k|`` (cosine,
+   no ``R^2``), where ``γ_n = n u/(1 - n u)``, ``n = 3D + 16`` roundings, ``u`` the
+   unit roundoff of the product (TF32 or bfloat16 when
+   ``torch.set_float32_matmul_precision`` or the new ``fp32_precision`` settings
+   allow them), ``R = max_k |y_k|`` and ``a = -2`` (Euclidean) or ``-1`` (cosine).
+   So a row whose two best scores differ by more than ``2b`` has a unique nearest
    code, the best one, and is not re-compared (about 0.1-1 % of the rows of random
-   data are);
+   data are; rows with NaN or inf, or norms that overflow, always are). On other
+   devices and inside compiled graphs every row is re-compared, in the compute
+   dtype (fixed shapes, no host synchronisation);
 3. an exact tie in the direct formula goes to the lower index.
 
-The result therefore agrees with a brute-force
-``torch.cdist(z, e).argmin(-1)`` (up to cdist's own summation order) unless
-three or more distinct codes lie within rounding error of the best distance
-(about ``D * eps * (|e|^2 + |z| |e|)``): then the code picked is one of those
-near-tied codes, not necessarily the lowest-indexed (for Euclidean search with
-``z`` and ``e`` replaced by ``z - m`` and ``e - m``). Tests compare at float64 or
-with well-separated data. Half-precision inputs are searched in float32.
+The result therefore agrees with a float64 brute-force search unless three or more
+distinct codes lie within rounding error of the best distance (about
+``D * u * (|e - m|^2 + |z - m| |e - m|)``): then the code picked is one of those
+near-tied codes, not necessarily the lowest-indexed (and likewise for inputs in the
+subnormal range, where the product itself loses digits). Whether a row with such a
+near-tie is certified or re-compared depends only on that row and the codebook, not
+on the chunk size. Half-precision inputs are searched in float32.
 Cost: one ``addmm`` and one ``topk(2)`` per chunk, plus the re-comparison of the
-rows that need it (see ``benchmarks/``: at most about 1.1x a bare ``addmm`` + ``argmin``).
+rows that need it (``benchmarks/`` compares it with one unchunked ``addmm`` + ``argmin``).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -156,7 +166,11 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, *, distance: str = "eu
 
     codes = codebook.to(dtype)  # (K, D)
     if distance == "cosine":
-        norms = codes.norm(dim=1, keepdim=True)  # (K, 1)
+        # scale each code by its largest entry first, so that the squares of tiny codes do not
+        # underflow (a wrong norm would rescale that code against the others)
+        peak = codes.abs().amax(dim=1, keepdim=True)  # (K, 1)
+        codes = codes / torch.where(peak > 0, peak, torch.ones_like(peak))
+        norms = codes.norm(dim=1, keepdim=True)
         # codes of norm zero stay zero: similarity 0, no division by zero
         codes = codes / torch.where(norms > 0, norms, torch.ones_like(norms))
     tracing = torch.compiler.is_compiling()
@@ -173,7 +187,12 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, *, distance: str = "eu
         # rounding error of the expanded score shrinks from ~eps |z| |e| to ~eps |z - m| |e - m|
         center = codes.mean(0)  # (D,)
         shifted = codes - center  # (U, D)
-        bias = shifted.pow(2).sum(1)  # (U,)  |e - m|^2
+        # and divide the codes by the power of two 2^p that brings max |e - m| into [1/2, 1)
+        # (exact): every score is then 2^-p (|e - m|^2 - 2 (z - m).(e - m)), and squares of
+        # tiny or huge codes neither underflow nor overflow
+        exponent = torch.frexp(shifted.abs().amax()).exponent
+        shifted = torch.ldexp(shifted, -exponent)
+        bias = torch.ldexp(shifted.pow(2).sum(1), exponent)  # (U,)  2^-p |e - m|^2
         alpha = -2.0
     else:
         center, shifted = None, codes
@@ -184,9 +203,23 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, *, distance: str = "eu
     # refinement (eager CPU only: selecting those rows has data-dependent shapes)
     certify = not tracing and z.device.type == "cpu" and codes.shape[0] > 1
     if certify:
+        terms = 3 * dim + 16  # roundings per score, with room for second-order terms
         unit = _matmul_unit_roundoff(dtype, z.device)
-        code_norm = shifted.norm(dim=1).amax()  # R = max |e - m|
-        slack = (2 * dim + 16) * unit
+        certify = terms * unit < 0.5
+    if certify:
+        slack = terms * unit / (1 - terms * unit)  # gamma_n = n u / (1 - n u)
+        tiny = torch.finfo(dtype).tiny
+        # norms computed in `dtype` may lose squares below `tiny`: |v| <= norm + sqrt(D tiny)
+        lost = math.sqrt(dim * tiny)
+        code_norm = float(shifted.norm(dim=1).amax()) + lost  # R >= max |e - m| (scaled)
+        squared = math.ldexp(code_norm * code_norm, int(exponent)) if center is not None else 0.0
+        floor = 4 * terms * tiny  # absolute error of roundings in the subnormal range
+        exact = codebook.double()  # the re-comparison runs in float64, on the caller's codes
+        if distance == "cosine":
+            exact = exact / exact.abs().amax(1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+            exact = exact / exact.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+        if keep is not None:
+            exact = exact[keep]
     for start in range(0, n, chunk_size):
         block = flat[start:start + chunk_size].to(dtype)  # (C, D)
         query = block if center is None else block - center
@@ -197,13 +230,16 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, *, distance: str = "eu
             top = scores.topk(2, dim=1, largest=False)  # (C, 2) values and indices
             if certify:
                 best = top.indices[:, 0].clone()
-                # |score_k - exact_k| <= slack (|alpha| |x| R + R^2) for every code (R^2: Euclidean bias)
-                bound = slack * (abs(alpha) * query.norm(dim=1) * code_norm
-                                 + (code_norm * code_norm if center is not None else 0.0))
-                unsure = ~((top.values[:, 1] - top.values[:, 0]) > 2 * bound)  # NaN rows: unsure
+                # |score_k - exact_k| <= slack (|alpha| |x| R + R^2) + floor for every code, in
+                # float64 (no underflow of the bound itself); the gap of two float32 scores is
+                # exact in float64
+                x_norm = query.norm(dim=1).double() + lost
+                bound = slack * (abs(alpha) * code_norm * x_norm + squared) + floor
+                values = top.values.double()
+                unsure = ~((values[:, 1] - values[:, 0]) > 2 * bound)  # NaN or inf rows: unsure
                 rows = unsure.nonzero().squeeze(1)
-                if rows.numel():
-                    best[rows] = _refine(block[rows], codes, top.indices[rows], distance)
+                if rows.numel():  # few rows: re-compare in float64 (no underflow of float32 squares)
+                    best[rows] = _refine(block[rows].double(), exact, top.indices[rows], distance)
             else:
                 best = _refine(block, codes, top.indices, distance)  # (C,)
             if distance == "cosine":  # zero query: every similarity is 0, index 0
@@ -222,13 +258,18 @@ def _matmul_unit_roundoff(dtype: torch.dtype, device: torch.device) -> float:
     (``"medium"``) when the user allows it; the bound then uses that precision.
     """
     unit = torch.finfo(dtype).eps / 2
-    if dtype == torch.float32:
+    if dtype != torch.float32:
+        return unit
+    try:
         precision = torch.get_float32_matmul_precision()
-        tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
-        if precision == "medium":
-            unit = max(unit, 2.0 ** -8)
-        elif precision == "high" or tf32:
-            unit = max(unit, 2.0 ** -11)
+        new_api = getattr(getattr(getattr(torch.backends, "mkldnn", None), "matmul", None), "fp32_precision", None)
+    except RuntimeError:  # legacy and new precision settings mixed: assume the coarsest
+        return max(unit, 2.0 ** -8)
+    tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    if precision == "medium" or new_api == "bf16":
+        unit = max(unit, 2.0 ** -8)
+    elif precision == "high" or new_api == "tf32" or tf32:
+        unit = max(unit, 2.0 ** -11)
     return unit
 
 

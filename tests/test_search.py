@@ -246,45 +246,96 @@ def test_fullgraph_compile_matches_eager(distance):
     assert got[-3:].tolist() == [5, 5, 5]
 
 
-@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
-@pytest.mark.parametrize("precision", ["highest", "medium"])
-def test_certified_rows_agree_with_float64_near_ties(monkeypatch, distance, precision):
-    """float32 search with many near-ties: rows whose two best expanded scores are farther
-    apart than the rounding bound skip the direct re-comparison; every answer still agrees
-    with float64 brute force wherever float64 separates the two best codes."""
-    S = search_module
-    gen = torch.Generator().manual_seed(5)
+def _near_tie_data(distance, scale=1.0, seed=5):
+    """Queries at midpoints of two codes (noise 1e-3 ... 1e-7: gaps around the rounding
+    bound) and near codes, with codes far from the origin (large |z| |e| terms)."""
+    gen = torch.Generator().manual_seed(seed)
     k, d = 257, 48
-    codes = torch.randn(k, d, generator=gen) + 20.0  # far from the origin: large |z| |e| terms
-    i, j = torch.randint(0, k, (2, 4000), generator=gen)
-    mid = 0.5 * (codes[i] + codes[j])  # midpoints of two codes: near-ties
-    z = torch.cat([mid + 1e-5 * torch.randn(mid.shape, generator=gen),
-                   codes[i] + 0.3 * torch.randn(mid.shape, generator=gen)])
-    refined = []
-    real_refine = S._refine
-    monkeypatch.setattr(S, "_refine", lambda b, c, cand, dist: refined.append(b.clone()) or real_refine(b, c, cand, dist))
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        got = nearest_code(z, codes, distance=distance)
-    finally:
-        torch.set_float32_matmul_precision(before)
+    codes = torch.randn(k, d, generator=gen) + 20.0
+    if distance == "cosine":
+        codes = F.normalize(torch.randn(k, d, generator=gen), dim=1)
+    i, j = torch.randint(0, k, (2, 5000), generator=gen)
+    noise = 10.0 ** -torch.randint(3, 8, (5000, 1), generator=gen).double()
+    mid = 0.5 * (codes[i] + codes[j]) + (noise * torch.randn(5000, d, generator=gen, dtype=torch.float64)).float()
+    z = torch.cat([mid, codes[i] + 0.3 * torch.randn(5000, d, generator=gen)])
+    return z * scale, codes * scale
+
+
+def _float64_best(z, codes, distance):
     z64, c64 = z.double(), codes.double()
     if distance == "euclidean":
         dist = torch.cdist(z64, c64, compute_mode="donot_use_mm_for_euclid_dist").pow(2)
-    else:
-        dist = -(F.normalize(z64, dim=1) @ F.normalize(c64, dim=1).T)
-    best2 = dist.topk(2, dim=1, largest=False)
-    rows = torch.cat(refined) if refined else z[:0]
-    probe = torch.randn(d, generator=gen, dtype=torch.float64)  # a row's key: its projection, in float64
-    was_refined = torch.isin(z64 @ probe, rows.double() @ probe)
-    assert int(was_refined.sum()) > 0
-    if precision == "highest":  # some rows certified; with bfloat16 products ("medium") the bound is loose
-        assert int(was_refined.sum()) < z.shape[0]
+    else:  # no F.normalize: its eps would leave tiny vectors unnormalised
+        c64 = c64 / c64.abs().amax(1, keepdim=True)
+        dist = -(z64 @ (c64 / c64.norm(dim=1, keepdim=True)).T)
+    return dist.topk(2, dim=1, largest=False)
+
+
+def _search_recording_refined(monkeypatch, z, codes, distance):
+    """``nearest_code`` and a mask of the rows it re-compared (the others were certified)."""
+    refined = []
+    real_refine = search_module._refine
+    monkeypatch.setattr(search_module, "_refine",
+                        lambda b, c, cand, dist: refined.append(b.clone()) or real_refine(b, c, cand, dist))
+    got = nearest_code(z, codes, distance=distance)
+    rows = torch.cat(refined).double() if refined else z[:0].double()
+    probe = torch.randn(z.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    key = lambda t: (t.double() * probe).sum(1)  # noqa: E731 - a row's key, the same arithmetic for both
+    return got, torch.isin(key(z), key(rows))
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+@pytest.mark.parametrize("scale", [1.0, 2.0**-70, 2.0**60])
+def test_certified_rows_agree_with_float64_near_ties(monkeypatch, distance, scale):
+    """float32 search with many near-ties, at ordinary, tiny and huge scales: rows whose two
+    best expanded scores are farther apart than the rounding bound skip the re-comparison;
+    certified rows equal float64 brute force, and so do the re-compared ones (in float64)
+    wherever float64 separates the two best codes."""
+    z, codes = _near_tie_data(distance, scale)
+    got, was_refined = _search_recording_refined(monkeypatch, z, codes, distance)
+    best2 = _float64_best(z, codes, distance)
     certified = ~was_refined
-    # a certified row is the exact nearest code of the float32 data (float64 decides it)
+    assert int(certified.sum()) > 0 and int(was_refined.sum()) > 0
     assert torch.equal(got[certified], best2.indices[certified, 0])
-    # re-compared rows: exact wherever the two best are apart by more than float32 resolution
-    gap = (best2.values[:, 1] - best2.values[:, 0]) / best2.values[:, 0].abs().clamp_min(1)
-    clear = was_refined & (gap > 1e-4)
+    gap = (best2.values[:, 1] - best2.values[:, 0]) / best2.values[:, 0].abs().clamp_min(1e-300)
+    clear = was_refined & (gap > 1e-12)
     assert torch.equal(got[clear], best2.indices[clear, 0])
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+def test_certification_bound_has_teeth(monkeypatch, distance):
+    """The near-tie data are hard enough that a bound 1000x too small certifies wrong rows:
+    the agreement above is not vacuous."""
+    z, codes = _near_tie_data(distance)
+    real_unit = search_module._matmul_unit_roundoff
+    monkeypatch.setattr(search_module, "_matmul_unit_roundoff", lambda dt, dev: real_unit(dt, dev) / 1000)
+    got, was_refined = _search_recording_refined(monkeypatch, z, codes, distance)
+    best2 = _float64_best(z, codes, distance)
+    assert int((got != best2.indices[:, 0])[~was_refined].sum()) > 0
+
+
+def test_reduced_precision_products_widen_the_bound(monkeypatch):
+    """With bfloat16 products allowed ("medium") every near-tie row is re-compared, and a mix
+    of the legacy and the new precision settings does not break the search."""
+    z, codes = _near_tie_data("euclidean")
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        got, was_refined = _search_recording_refined(monkeypatch, z, codes, "euclidean")
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert bool(was_refined[:5000].all())  # every midpoint row
+    best2 = _float64_best(z, codes, "euclidean")
+    # bfloat16 scores choose the two candidates: exact where the two best are apart by more
+    # than bfloat16 resolution
+    clear = (best2.values[:, 1] - best2.values[:, 0]) > 1e-2 * best2.values[:, 0]
+    assert torch.equal(got[clear], best2.indices[clear, 0])
+    mkl = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    if mkl is not None and hasattr(mkl, "fp32_precision"):
+        old = mkl.fp32_precision
+        try:
+            mkl.fp32_precision = "bf16"
+            assert search_module._matmul_unit_roundoff(torch.float32, torch.device("cpu")) == 2.0**-8
+            assert torch.equal(nearest_code(z[:64], codes), got[:64])
+        finally:
+            mkl.fp32_precision = old
