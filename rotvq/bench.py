@@ -371,6 +371,9 @@ def bench_search(configs, device, repeats, threads, peak=True) -> list[dict]:
 def bench_layer(configs, device, repeats, vqp_configs=()) -> list[dict]:
     """A training step (forward, losses, backward to the input, EMA update) against the bare search.
 
+    The rotation-trick step is timed under both backends (``[compiled]``: after
+    ``rotvq.set_backend("compiled")``); the STE step does not depend on the backend.
+
     The gradient ``g`` arriving at ``quantized`` is passed to autograd as given (as in
     the estimator groups): forming a surrogate loss ``(quantized * g).sum()`` would time
     two ``N x D`` passes that belong to the decoder, not to the layer."""
@@ -378,16 +381,21 @@ def bench_layer(configs, device, repeats, vqp_configs=()) -> list[dict]:
     for n, d, k in configs:
         z, _, g = _data(n, d, device)
         fns = {}
-        for est in ("ste", "rotation"):
+        for est, backend in (("ste", "eager"), ("rotation", "eager"), ("rotation", "compiled")):
             torch.manual_seed(0)
             layer = rotvq.VectorQuantizer(d, k, estimator=est, ema=True, decay=0.99, commitment_weight=0.25,
                                           init="normal", dead_code_threshold=0.0).to(device).train()
 
-            def step(layer=layer):
-                out = layer(z)  # g is the gradient arriving at `quantized` (the decoder's, not timed)
-                return torch.autograd.grad([out.quantized, out.loss], z, [g, None])[0]
+            def step(layer=layer, backend=backend):
+                before = get_backend()
+                set_backend(backend)
+                try:
+                    out = layer(z)  # g is the gradient arriving at `quantized` (the decoder's, not timed)
+                    return torch.autograd.grad([out.quantized, out.loss], z, [g, None])[0]
+                finally:
+                    set_backend(before)
 
-            fns[f"rotvq.VectorQuantizer({est})"] = step
+            fns[f"rotvq.VectorQuantizer({est})" + ("[compiled]" if backend == "compiled" else "")] = step
         if VectorQuantize is not None and (n, d, k) in vqp_configs:
             torch.manual_seed(0)
             vq = VectorQuantize(dim=d, codebook_size=k, decay=0.99, commitment_weight=0.25, kmeans_init=False,

@@ -75,6 +75,7 @@ import math
 import torch
 
 from ._checks import check_vector_pair, compute_dtype, input_eps
+from . import _cpu_kernel
 from .backend import compiled as backend_compiled
 from .backend import get_backend
 
@@ -214,10 +215,13 @@ class Dense(JacobianSurrogate):
 #
 #     G^T g = s(λ) · P(T^T g) + u · g,      T ∈ {R, H},   P = I - ẑẑᵀ (tangent) or I.
 #
-# Three evaluators serve every variant from that definition alone:
+# The evaluators serve every variant from that definition alone (its fields, as numbers):
 #   * the span form (_span_coefficients), used by the eager chunked fast path and by the
-#     fused kernel of the compiled backend (_span_kernel);
-#   * the float64 plane form (_plane_combine), for degenerate rows and for the reflection.
+#     kernel torch.compile generates for the compiled backend (_span_kernel);
+#   * the C++ kernel of the compiled backend on the CPU (rotvq/_cpu_kernel.py), which writes
+#     the same three coefficients in C++ (tests/test_backend.py holds it to the eager
+#     backend for every variant, degenerate rows bitwise);
+#   * the float64 plane form (Variant.combine), for degenerate rows and for the reflection.
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -256,7 +260,9 @@ def _per_row(x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
 
 
 def _span_kernel(g, z, q, params, pad, eps_in: float):
-    """The whole span form on rows ``(n, d)``: the fused kernel of the compiled backend.
+    """The whole span form on rows ``(n, d)``: the fused kernel that :func:`torch.compile`
+    generates for the compiled backend on CUDA and for half precision on the CPU
+    (float32 and float64 on the CPU run the C++ kernel of ``rotvq/_cpu_kernel.py``).
 
     Args:
         g, z, q: ``(n, d)`` in the input dtype.
@@ -312,7 +318,7 @@ def _pad(dtype: torch.dtype, device) -> torch.Tensor:
     key = (dtype, torch.device(device))
     pad = _PADS.get(key)
     if pad is None:
-        pad = _PADS[key] = torch.zeros(8, dtype=dtype, device=device)
+        pad = _PADS[key] = torch.zeros(16, dtype=dtype, device=device)
     return pad
 
 
@@ -390,15 +396,16 @@ class Variant:
     tangent: bool = False  # project T^T g onto the tangent space at z
     reflect: bool = False  # T = H (no span form: every row in the plane form)
 
-    def params(self, dtype: torch.dtype, device) -> torch.Tensor:
-        """``[m, lo, hi, u, tau]`` as a tensor: the fused kernel's view of the variant."""
+    def params(self, dtype: torch.dtype, device, eps_in: float | None = None) -> torch.Tensor:
+        """``[m, lo, hi, u, tau]`` as a tensor: the fused kernels' view of the variant
+        (``[m, lo, hi, u, tau, eps_in]`` when ``eps_in`` is given, for the C++ kernel)."""
+        values = [self.m, self.lo, self.hi, self.u, float(self.tangent)] + ([] if eps_in is None else [eps_in])
         if torch.compiler.is_compiling():
-            return torch.tensor([self.m, self.lo, self.hi, self.u, float(self.tangent)], dtype=dtype, device=device)
-        key = (self, dtype, torch.device(device))
+            return torch.tensor(values, dtype=dtype, device=device)
+        key = (self, dtype, torch.device(device), eps_in)
         cached = _PARAMS.get(key)
         if cached is None:
-            cached = _PARAMS[key] = torch.tensor([self.m, self.lo, self.hi, self.u, float(self.tangent)],
-                                                 dtype=dtype, device=device)
+            cached = _PARAMS[key] = torch.tensor(values, dtype=dtype, device=device)
         return cached
 
     def combine(self, lam, e1, g, tg):
@@ -456,13 +463,17 @@ class _RotationFamily(JacobianSurrogate):
         cd = compute_dtype(z.dtype)
         eps_in = input_eps(z.dtype)
         if get_backend() == "compiled" and not self.variant.reflect and n >= 2 and d >= 2:
-            result = backend_compiled(_span_kernel, g2.contiguous(), z2.contiguous(), q2.contiguous(),
-                                      self.variant.params(cd, z.device), _pad(cd, z.device), eps_in)
+            if z.device.type == "cpu" and z.dtype in _cpu_kernel.DTYPES:  # hand-written C++ kernel
+                result = _cpu_kernel.span_rows(g2, z2, q2, self.variant.params(cd, z.device, eps_in))
+            else:  # the kernel torch.compile generates (Triton on CUDA; half precision on CPU)
+                result = backend_compiled(_span_kernel, g2.contiguous(), z2.contiguous(), q2.contiguous(),
+                                          self.variant.params(cd, z.device), _pad(cd, z.device), eps_in)
+                if result is not None:
+                    out, healthy = result
+                    result = out, None if bool((healthy > 0).all()) else (healthy <= 0).nonzero().squeeze(-1)
             if result is not None:  # None: compilation failed, the backend is eager again
-                out, healthy = result
-                healthy = healthy > 0
-                if not bool(healthy.all()):
-                    bad = (~healthy).nonzero().squeeze(-1)
+                out, bad = result
+                if bad is not None and bad.numel():
                     out[bad] = self._precise(g2[bad].to(cd), z2[bad].to(cd), q2[bad].to(cd), eps_in).to(g.dtype)
                 return out.reshape(*lead, d)
         out = self.apply_transpose(g2.to(cd), z2.to(cd), q2.to(cd), eps_in=eps_in)

@@ -107,23 +107,29 @@ def test_compiled_equals_eager_with_degenerate_rows(name, dtype, restore_backend
     assert (grad_c[~degenerate].double() - grad_e[~degenerate].double()).abs().max() <= 8 * eps * scale
 
 
-def test_compiled_backend_uses_the_fused_kernel(restore_backend):
+def _count_calls(table, key, monkeypatch):
+    """Count the calls of the kernel ``table[key]`` from now on."""
+    calls = []
+    kernel = table[key]
+    monkeypatch.setitem(table, key, lambda *a: calls.append(1) or kernel(*a))
+    return calls
+
+
+def test_compiled_backend_uses_the_fused_kernels(monkeypatch, restore_backend):
+    """float32 and float64 on the CPU run the C++ kernel, half precision the kernel
+    torch.compile generates: one call per backward under "compiled", none under "eager"."""
     set_backend("compiled")
     z, q, g = (torch.randn(32, 8) for _ in range(3))
     grad_of(z, q, g, "rotation")
-    key = (rotvq.operators._span_kernel, torch.get_num_threads())
-    assert key in backend._kernels
-    compiled_fn = backend._kernels[key]
-    calls = []
-    wrapped = lambda *a: calls.append(1) or compiled_fn(*a)  # noqa: E731
-    backend._kernels[key] = wrapped
-    try:
-        grad_of(z, q, g, "rotation_tangent")
-        set_backend("eager")
-        grad_of(z, q, g, "rotation_tangent")
-    finally:
-        backend._kernels[key] = compiled_fn
-    assert len(calls) == 1, "one kernel call under 'compiled', none under 'eager'"
+    grad_of(z.half(), q.half(), g.half(), "rotation")
+    native = _count_calls(backend._native, (rotvq._cpu_kernel.build, torch.float32), monkeypatch)
+    generated = _count_calls(backend._kernels, (rotvq.operators._span_kernel, torch.get_num_threads()), monkeypatch)
+    grad_of(z, q, g, "rotation_tangent")
+    grad_of(z.half(), q.half(), g.half(), "rotation_tangent")
+    set_backend("eager")
+    grad_of(z, q, g, "rotation_tangent")
+    grad_of(z.half(), q.half(), g.half(), "rotation_tangent")
+    assert (len(native), len(generated)) == (1, 1), "one kernel call under 'compiled', none under 'eager'"
 
 
 def test_failed_compilation_falls_back_with_one_warning(monkeypatch, restore_backend):
@@ -134,8 +140,13 @@ def test_failed_compilation_falls_back_with_one_warning(monkeypatch, restore_bac
             raise RuntimeError("simulated: no working C++ compiler")
         return run
 
+    def broken_build(dtype):
+        raise RuntimeError("simulated: no working C++ compiler")
+
     monkeypatch.setattr(backend, "_kernels", {})
+    monkeypatch.setattr(backend, "_native", {})
     monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(rotvq._cpu_kernel, "build", broken_build)
     z, q, g = degenerate_batch(torch.float32)
     set_backend("eager")
     _, expected = grad_of(z, q, g, "rotation")
@@ -147,6 +158,15 @@ def test_failed_compilation_falls_back_with_one_warning(monkeypatch, restore_bac
     assert len(fallbacks) == 1 and "simulated" in str(fallbacks[0].message)
     assert get_backend() == "eager"
     assert torch.equal(grads[0], expected) and torch.equal(grads[1], expected)
+    # half precision takes the torch.compile kernel: its failure falls back the same way
+    half = degenerate_batch(torch.float16)
+    _, expected = grad_of(*half, "rotation")
+    set_backend("compiled")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        grad = grad_of(*half, "rotation")[1]
+    assert [issubclass(w.category, BackendFallbackWarning) for w in caught] == [True]
+    assert get_backend() == "eager" and torch.equal(grad, expected)
 
 
 def every_estimator(zs, q, g, G):
@@ -233,3 +253,39 @@ print(len(fallbacks), all(torch.equal(a, expected) for a in grads))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["1", "True"]
+
+
+@pytest.mark.parametrize("fraction", [0.02, 0.2])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_kernel_many_rows_and_threads(dtype, threads, fraction, monkeypatch, restore_backend):
+    """The C++ kernel on thousands of rows (d = 37: a partial SIMD vector at the end of each
+    row), split over threads, with degenerate rows scattered through the batch (about 100,
+    which the kernel lists itself, or 1000, more than it lists): those rows are bitwise the
+    eager backend's (float64 plane form), the others equal to rounding."""
+    gen = torch.Generator().manual_seed(7)
+    n, d = 5000, 37
+    z, q, g = (torch.randn(n, d, generator=gen, dtype=torch.float64) for _ in range(3))
+    kinds = torch.randint(0, 4, (n,), generator=gen)
+    special = torch.rand(n, generator=gen) < fraction
+    q[special & (kinds == 0)] = -2.0 * z[special & (kinds == 0)]  # antiparallel
+    z[special & (kinds == 1)] = 0.0
+    q[special & (kinds == 2)] = 0.0
+    q[special & (kinds == 3)] = -z[special & (kinds == 3)] + 0.3 * q[special & (kinds == 3)]  # > 120 degrees
+    z, q, g = z.to(dtype), q.to(dtype), g.to(dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        set_backend("eager")
+        _, grad_e = grad_of(z, q, g, "rotation_clipped")
+        set_backend("compiled")
+        grad_of(z[:2], q[:2], g[:2], "rotation")  # builds the kernel if no test did yet
+        calls = _count_calls(backend._native, (rotvq._cpu_kernel.build, dtype), monkeypatch)
+        _, grad_c = grad_of(z, q, g, "rotation_clipped")
+    finally:
+        torch.set_num_threads(before)
+    assert get_backend() == "compiled" and len(calls) == 1
+    assert torch.equal(grad_c[special], grad_e[special])
+    eps = torch.finfo(dtype).eps
+    scale = grad_e.abs().max()
+    assert (grad_c[~special] - grad_e[~special]).abs().max() <= 8 * eps * scale

@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
-CHAPTER = BOOK / "ste.ipynb"  # the fastest chapter in book/_timings.json
+CHAPTER = BOOK / "benchmarks.ipynb"  # the fastest chapter in book/_timings.json
 
 
 def jupyter_command() -> list[str]:

@@ -339,3 +339,55 @@ def test_reduced_precision_products_widen_the_bound(monkeypatch):
             assert torch.equal(nearest_code(z[:64], codes), got[:64])
         finally:
             mkl.fp32_precision = old
+
+
+@pytest.mark.parametrize("width", [64, 16 * 3 + 16, 1024])
+def test_best_two_matches_topk(width):
+    """The striped search for the best two scores gives topk's smallest value, its index and
+    the second smallest value on rows with a unique minimum, wherever the runner-up sits
+    (same stripe, same column offset, elsewhere), and second == smallest on tied rows."""
+    gen = torch.Generator().manual_seed(width)
+    scores = torch.randn(400, width, generator=gen)
+    offsets = width // search_module._STRIPES
+    best = torch.randint(0, width, (400,), generator=gen)
+    rows = torch.arange(400)
+    scores[rows, best] = -10.0
+    # rows 0-99: runner-up at the same column offset (another stripe); 100-199: the next
+    # column in the same stripe; 200-299: anywhere; 300-399: a tie with the best
+    same_offset = (best[:100] + offsets) % width
+    same_stripe = best[100:200] - best[100:200] % offsets + (best[100:200] % offsets + 1) % offsets
+    elsewhere = (best[200:300] + 7 * offsets + 3) % width
+    tied = (best[300:] + 5) % width
+    scores[rows[:100], same_offset] = -9.0
+    scores[rows[100:200], same_stripe] = -9.5
+    scores[rows[200:300], elsewhere] = -9.25
+    scores[rows[300:], tied] = -10.0
+    first, index, second = search_module._best_two(scores)
+    top = scores.topk(2, dim=1, largest=False)
+    assert torch.equal(first, top.values[:, 0]) and torch.equal(second, top.values[:, 1])
+    assert torch.equal(index[:300], top.indices[:300, 0]) and torch.equal(index[:300], best[:300])
+    assert torch.equal(second[300:], first[300:])
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+def test_striped_search_ties_duplicates_and_nan(distance):
+    """A codebook large enough for the striped search (100 codes: padded to 112 columns):
+    duplicates and exact two-way ties go to the lowest index, rows with NaN give an index
+    in range, and every other row equals float64 brute force."""
+    g = torch.Generator().manual_seed(3)
+    e = torch.randn(100, 8, generator=g)
+    e[[40, 99]] = e[12].clone()  # duplicates of code 12
+    z = torch.cat([e[[12, 40, 99]], torch.randn(500, 8, generator=g)])
+    if distance == "euclidean":
+        e[71] = e[70] + torch.tensor([2.0] + [0.0] * 7)  # a query halfway between 70 and 71
+        z = torch.cat([z, ((e[70] + e[71]) / 2)[None]])
+    z[5, 2] = float("nan")
+    got = nearest_code(z, e, distance=distance)
+    assert got[:3].tolist() == [12, 12, 12]
+    assert 0 <= int(got[5]) < 100
+    brute = (brute_euclidean if distance == "euclidean" else brute_cosine)(z.double(), e.double())
+    finite = torch.ones(z.shape[0], dtype=torch.bool)
+    finite[5] = False
+    assert torch.equal(got[finite][3:], brute[finite][3:])
+    if distance == "euclidean":
+        assert int(got[-1]) == 70
