@@ -19,9 +19,10 @@ Two backends compute the same ``G^T g`` (:mod:`rotvq.operators`):
   give the same results under both backends.
 
 Choose with :func:`set_backend` or, before ``import rotvq``, the environment variable
-``ROTVQ_BACKEND``. The compiled backend costs a one-time compilation: about 2 s per dtype
-for the C++ kernel, 15-30 s for a generated kernel on a 2-core CPU (a few seconds for each
-new dtype), then nothing (neither kernel is specialised on shapes; inductor's cache under
+``ROTVQ_BACKEND``. The compiled backend costs a one-time compilation (on a 2-core CPU:
+13 s for the C++ kernel's first dtype in a fresh environment, inductor's setup included,
+under a second for the other; 15-30 s for a generated kernel, a few seconds for each new
+dtype), then nothing (neither kernel is specialised on shapes; inductor's cache under
 the system temp folder keeps the kernels between processes). Inputs with fewer than two
 rows or a dimension ``d < 2`` always take
 the eager path (compiling them would specialise the kernel on that size). If compiling
