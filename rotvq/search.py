@@ -257,8 +257,8 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, *, distance: str = "eu
         else:
             top = scores.topk(2, dim=1, largest=False)  # (C, 2) values and indices
             best = _refine(block, codes, top.indices, distance)  # (C,)
-            if distance == "cosine":  # zero query: every similarity is 0, index 0
-                best = torch.where(block.abs().amax(1) > 0, best, torch.zeros_like(best))
+        if distance == "cosine" and num_distinct > 1:  # zero query: every similarity is 0, index 0
+            best = torch.where(block.abs().amax(1) > 0, best, torch.zeros_like(best))
         del scores
         if canonical is not None:
             best = canonical[best]

@@ -382,12 +382,17 @@ def test_striped_search_ties_duplicates_and_nan(distance):
         e[71] = e[70] + torch.tensor([2.0] + [0.0] * 7)  # a query halfway between 70 and 71
         z = torch.cat([z, ((e[70] + e[71]) / 2)[None]])
     z[5, 2] = float("nan")
+    z[7] = 0.0  # cosine: a zero query has similarity 0 with every code, index 0
     got = nearest_code(z, e, distance=distance)
+    if distance == "cosine":
+        assert int(got[7]) == 0
     assert got[:3].tolist() == [12, 12, 12]
     assert 0 <= int(got[5]) < 100
     brute = (brute_euclidean if distance == "euclidean" else brute_cosine)(z.double(), e.double())
     finite = torch.ones(z.shape[0], dtype=torch.bool)
     finite[5] = False
+    if distance == "cosine":
+        finite[7] = False
     assert torch.equal(got[finite][3:], brute[finite][3:])
     if distance == "euclidean":
         assert int(got[-1]) == 70
