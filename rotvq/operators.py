@@ -318,7 +318,7 @@ def _pad(dtype: torch.dtype, device) -> torch.Tensor:
     key = (dtype, torch.device(device))
     pad = _PADS.get(key)
     if pad is None:
-        pad = _PADS[key] = torch.zeros(16, dtype=dtype, device=device)
+        pad = _PADS[key] = torch.zeros(8, dtype=dtype, device=device)
     return pad
 
 
@@ -470,10 +470,10 @@ class _RotationFamily(JacobianSurrogate):
                                           self.variant.params(cd, z.device), _pad(cd, z.device), eps_in)
                 if result is not None:
                     out, healthy = result
-                    result = out, None if bool((healthy > 0).all()) else (healthy <= 0).nonzero().squeeze(-1)
+                    result = out, (healthy <= 0).nonzero().squeeze(-1)  # the unhealthy rows, as the C++ kernel
             if result is not None:  # None: compilation failed, the backend is eager again
                 out, bad = result
-                if bad is not None and bad.numel():
+                if bad.numel():
                     out[bad] = self._precise(g2[bad].to(cd), z2[bad].to(cd), q2[bad].to(cd), eps_in).to(g.dtype)
                 return out.reshape(*lead, d)
         out = self.apply_transpose(g2.to(cd), z2.to(cd), q2.to(cd), eps_in=eps_in)
