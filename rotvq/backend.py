@@ -76,8 +76,8 @@ def set_backend(name: str) -> None:
     """Select how the rotation family's backward pass is evaluated.
 
     Args:
-        name: ``"eager"`` (PyTorch operations) or ``"compiled"`` (one fused kernel from
-            :func:`torch.compile`; the first backward compiles it).
+        name: ``"eager"`` (PyTorch operations) or ``"compiled"`` (one fused kernel, see
+            the module docstring; the first backward compiles it).
 
     Raises:
         ValueError: any other name (nothing is changed).
