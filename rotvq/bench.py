@@ -32,6 +32,7 @@ Groups (forward + backward of ``z_q`` with a fixed upstream gradient ``g``):
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import platform
@@ -41,10 +42,16 @@ import sys
 import time
 from pathlib import Path
 
+try:
+    import resource
+except ImportError:  # pragma: no cover - not POSIX
+    resource = None
+
 import torch
 
 import rotvq
 from rotvq.backend import get_backend, set_backend
+from rotvq.operators import fused_span
 from rotvq.search import nearest_code
 
 try:  # optional benchmark extra: pip install rotvq[bench]
@@ -54,7 +61,8 @@ except ImportError:  # pragma: no cover - depends on the environment
     VectorQuantize = rotate_to = None
 
 __all__ = ["SHAPES", "SEARCH_CONFIGS", "RESULTS_FILE", "FLOOR", "load_results", "run_all", "interleaved",
-           "traffic_floor",
+           "traffic_floor", "steady_allocator", "KERNEL", "NO_FLAGGED", "backward_kernel",
+           "without_flagged_rows",
            "saved_for_backward", "estimator_methods", "bench_estimators", "bench_compiled",
            "bench_search", "bench_layer", "fmt_table"]
 
@@ -137,13 +145,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` is missing)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
+
+
 def interleaved(fns: dict, device: torch.device, repeats: int, warmup: int = 2) -> dict:
     """Time every callable of ``fns`` ``repeats`` times, round-robin (rotating start).
 
-    Returns ``{name: {"min": s, "median": s, "times": [...]}}``.
+    Returns ``{name: {"min": s, "median": s, "times": [...], "faults": n}}`` with ``faults``
+    the median number of minor page faults per timed call (fresh memory the call touched
+    for the first time; see :func:`steady_allocator`).
     """
     names = list(fns)
     times = {k: [] for k in names}
+    faults = {k: [] for k in names}
     for _ in range(warmup):
         for k in names:
             fns[k]()
@@ -151,11 +167,45 @@ def interleaved(fns: dict, device: torch.device, repeats: int, warmup: int = 2) 
         order = names[r % len(names):] + names[:r % len(names)]
         for k in order:
             sync(device)
+            f0 = _minor_faults()
             t0 = time.perf_counter()
             fns[k]()
             sync(device)
             times[k].append(time.perf_counter() - t0)
-    return {k: {"min": min(v), "median": statistics.median(v), "times": v} for k, v in times.items()}
+            faults[k].append(_minor_faults() - f0)
+    return {k: {"min": min(v), "median": statistics.median(v), "times": v,
+                "faults": statistics.median(faults[k])} for k, v in times.items()}
+
+
+#: glibc's ``mallopt`` parameters (malloc.h): M_TRIM_THRESHOLD, M_MMAP_THRESHOLD.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def steady_allocator(limit: int = 2**30) -> str:
+    """Make this process's C allocator keep freed memory, as a training loop's allocator does.
+
+    With its defaults, glibc's ``malloc`` hands a large freed block back to the operating
+    system (``mmap`` blocks, and the top of the heap above the trim threshold), so the next
+    allocation of that size starts on fresh pages: a ``16 MiB`` output costs 4,096 page
+    faults, measured here as about 3 ms on top of a 2.3 ms pass, and charged to whichever
+    method happened to allocate after a trim. In a training loop the allocator keeps and
+    reuses such blocks (PyTorch's CUDA caching allocator; jemalloc or tcmalloc on the
+    CPU), so its steady state has no faults. This sets glibc's mmap and trim thresholds to
+    ``limit`` bytes (``mallopt``), so blocks below that size stay in the process.
+
+    Returns what was done, for the results file: ``"glibc mallopt: ..."``, or why nothing
+    was (not glibc, or ``mallopt`` refused).
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+        if not libc.gnu_get_libc_version:
+            raise AttributeError
+    except (OSError, AttributeError):
+        return "unchanged (not glibc)"
+    ok = mallopt(_M_TRIM_THRESHOLD, limit) == 1 and mallopt(_M_MMAP_THRESHOLD, limit) == 1
+    return (f"glibc mallopt: trim and mmap thresholds {limit} bytes (freed memory kept)" if ok
+            else "unchanged (mallopt refused)")
 
 
 def saved_for_backward(fn, z, q) -> tuple[int, int]:
@@ -220,6 +270,10 @@ def _data(n, d, device, seed=0):
 
 #: Name of the traffic floor in the estimator tables.
 FLOOR = "floor: addcmul(g, z, q)"
+#: Ablations in the estimator tables: the compiled backend's kernel alone (no autograd, the
+#: flagged rows not recomputed), and the rotation trick on data with no flagged row.
+KERNEL = "backward kernel alone [compiled]"
+NO_FLAGGED = "rotvq.rotation_trick[compiled], no flagged rows"
 
 
 def traffic_floor(z, q, g):
@@ -230,13 +284,36 @@ def traffic_floor(z, q, g):
     return lambda: torch.addcmul(g, z, q)
 
 
-def _floor_row(n, d, res, ref, memory):
-    r = res[FLOOR]
-    row = {"N": n, "d": d, "method": FLOOR, "min_ms": 1e3 * r["min"], "median_ms": 1e3 * r["median"],
-           "ratio_min": r["min"] / ref["min"], "ratio_median": r["median"] / ref["median"]}
-    if memory:
-        row.update(saved_MiB=None, extra_MiB=None)
-    return row
+def backward_kernel(z, q, g):
+    """The compiled backend's kernel for the rotation trick alone
+    (:func:`rotvq.operators.fused_span`): no autograd, no validation, the rows it flags
+    not recomputed."""
+    z, variant = z.detach(), rotvq.Rotation().variant
+    return lambda: fused_span(g, z, q, variant)
+
+
+def without_flagged_rows(z, q):
+    """``q`` with every row at more than 90° from its ``z`` replaced by ``-q`` (then less
+    than 90°): the same memory traffic, and no row that the span form hands to the float64
+    plane form for its angle (independent random ``z``, ``q`` have rows beyond 120°: about
+    one in 65,536 at ``d = 64``, 2 % at ``d = 16``)."""
+    with torch.no_grad():
+        return torch.where(((z.detach().double() * q.double()).sum(-1) < 0)[:, None], -q, q)
+
+
+def _ablations(z, q, g, compiled_fn=None) -> dict:
+    """The rows of an estimator group that are not estimators: the traffic floor, the
+    kernel alone and the compiled backend on data with no flagged row (``compiled_fn``:
+    the function timed for the last one, default :func:`rotvq.rotation_trick`)."""
+    fn = _BackendRun("compiled", compiled_fn or rotvq.rotation_trick)
+    return {FLOOR: traffic_floor(z, q, g), KERNEL: backward_kernel(z, q, g),
+            NO_FLAGGED: fwd_bwd(fn, z, without_flagged_rows(z, q), g)}
+
+
+def _plain_row(n, d, name, r, ref, **extra):
+    return {"N": n, "d": d, "method": name, "min_ms": 1e3 * r["min"], "median_ms": 1e3 * r["median"],
+            "ratio_min": r["min"] / ref["min"], "ratio_median": r["median"] / ref["median"],
+            "faults": r["faults"], **extra}
 
 
 def bench_estimators(shapes, device, repeats, dense_elements=2**20, memory=True) -> list[dict]:
@@ -255,17 +332,19 @@ def bench_estimators(shapes, device, repeats, dense_elements=2**20, memory=True)
             else:
                 fns[name] = fwd_bwd(fn, z, q, g)
                 scale[name] = (1.0, z, q)
-        fns[FLOOR] = traffic_floor(z, q, g)
+        extras = _ablations(z, q, g)
+        fns.update(extras)
         res = interleaved(fns, device, repeats)
         ref = res["textbook_ste"]
-        rows.append(_floor_row(n, d, res, ref, memory))
+        none = dict(saved_MiB=None, extra_MiB=None) if memory else {}
+        rows += [_plain_row(n, d, name, res[name], ref, **none) for name in extras]
         for name in methods:
             s, zz, qq = scale[name]
             r = res[name]
             row = {"N": n, "d": d, "method": name + ("*" if s != 1.0 else ""),
                    "min_ms": 1e3 * r["min"] * s, "median_ms": 1e3 * r["median"] * s,
                    "ratio_min": r["min"] * s / ref["min"], "ratio_median": r["median"] * s / ref["median"],
-                   "scaled_from_rows": None if s == 1.0 else int(round(n / s))}
+                   "scaled_from_rows": None if s == 1.0 else int(round(n / s)), "faults": r["faults"]}
             if memory:
                 total, extra = saved_for_backward(methods[name], zz, qq)
                 row.update(saved_MiB=total * s / 2**20, extra_MiB=extra * s / 2**20)
@@ -282,6 +361,8 @@ def bench_compiled(shapes, device, repeats) -> list[dict]:
     rotation = torch.compile(rotvq.rotation_trick, fullgraph=True, dynamic=True)
     fns_by_name = {
         "compiled textbook_ste": torch.compile(textbook_ste, fullgraph=True, dynamic=True),
+        # the compiled caller's own cost: its forward returns q, its backward hands g on
+        "compiled rotvq.ste": torch.compile(rotvq.ste, fullgraph=True, dynamic=True),
         "compiled rotvq.rotation_trick[eager]": _BackendRun("eager", rotation),
         "compiled rotvq.rotation_trick[compiled]": _BackendRun("compiled", rotation),
     }
@@ -289,12 +370,10 @@ def bench_compiled(shapes, device, repeats) -> list[dict]:
     for n, d in shapes:
         z, q, g = _data(n, d, device)
         fns = {k: fwd_bwd(f, z, q, g) for k, f in fns_by_name.items()}
-        fns[FLOOR] = traffic_floor(z, q, g)
+        fns.update({k if k != NO_FLAGGED else "compiled " + k: f for k, f in _ablations(z, q, g, rotation).items()})
         res = interleaved(fns, device, repeats)
         ref = res["compiled textbook_ste"]
-        rows += [{"N": n, "d": d, "method": k, "min_ms": 1e3 * r["min"], "median_ms": 1e3 * r["median"],
-                  "ratio_min": r["min"] / ref["min"], "ratio_median": r["median"] / ref["median"]}
-                 for k, r in res.items()]
+        rows += [_plain_row(n, d, k, r, ref) for k, r in res.items()]
     return rows
 
 
@@ -364,7 +443,8 @@ def bench_search(configs, device, repeats, threads, peak=True) -> list[dict]:
             rows.append({"N": n, "d": d, "K": k, "method": name, "min_ms": 1e3 * r["min"],
                          "median_ms": 1e3 * r["median"], "ratio_min": r["min"] / ref["min"],
                          "ratio_median": r["median"] / ref["median"],
-                         "peak_MiB": None if b is None else b / 2**20, "agreement": agree})
+                         "peak_MiB": None if b is None else b / 2**20, "agreement": agree,
+                         "faults": r["faults"]})
     return rows
 
 
@@ -413,7 +493,8 @@ def bench_layer(configs, device, repeats, vqp_configs=()) -> list[dict]:
         res = interleaved(fns, device, repeats, warmup=1)
         ref = res["bare addmm+argmin"]
         rows += [{"N": n, "d": d, "K": k, "method": name, "min_ms": 1e3 * r["min"], "median_ms": 1e3 * r["median"],
-                  "ratio_min": r["min"] / ref["min"], "ratio_median": r["median"] / ref["median"]}
+                  "ratio_min": r["min"] / ref["min"], "ratio_median": r["median"] / ref["median"],
+                  "faults": r["faults"]}
                  for name, r in res.items()]
     return rows
 
@@ -444,14 +525,20 @@ def _load() -> list[float] | None:
 
 
 def run_all(device: torch.device, threads: list[int], quick: bool = False, repeats: int | None = None,
-            log=print) -> dict:
-    """Every group at every thread count; returns the results (see the module docstring)."""
+            log=print, keep_freed_memory: bool = True) -> dict:
+    """Every group at every thread count; returns the results (see the module docstring).
+
+    ``keep_freed_memory``: call :func:`steady_allocator` first (recorded as
+    ``results["machine"]["allocator"]``; it stays in effect for the rest of the process).
+    """
+    allocator = steady_allocator() if keep_freed_memory and device.type == "cpu" else "unchanged"
     reps = repeats or (5 if quick else 15)
     shapes = [(n // 8, d) for n, d in SHAPES] if quick else SHAPES
     configs = [(n // 8, d, k) for n, d, k in SEARCH_CONFIGS] if quick else SEARCH_CONFIGS
     total = 2**18 if quick else 2**20
     sweep = [(total // d, d) for d in (16, 32, 64, 128, 256, 512, 1024, 2048)]
-    results = {"machine": machine_info(device), "quick": quick, "repeats": reps, "runs": {}}
+    results = {"machine": {**machine_info(device), "allocator": allocator}, "quick": quick, "repeats": reps,
+               "runs": {}}
     t_start = time.perf_counter()
     for t in threads:
         torch.set_num_threads(t)
@@ -490,14 +577,17 @@ def fmt_table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
 
 
 _EST = [("N", "N", "d"), ("d", "d", "d"), ("method", "method", "s"), ("min_ms", "min ms", ".2f"),
-        ("median_ms", "median ms", ".2f"), ("ratio_min", "min / ref", ".2f"), ("ratio_median", "median / ref", ".2f")]
+        ("median_ms", "median ms", ".2f"), ("ratio_min", "min / ref", ".2f"), ("ratio_median", "median / ref", ".2f"),
+        ("faults", "page faults / call", ".0f")]
 COLS = {
     "estimators": _EST + [("extra_MiB", "kept for backward beyond z, q (MiB)", ".1f")],
     "compiled": _EST,
     "sweep": _EST,
     "search": [("N", "N", "d"), ("d", "d", "d"), ("K", "K", "d"), ("method", "method", "s"),
                ("min_ms", "min ms", ".1f"), ("median_ms", "median ms", ".1f"), ("ratio_min", "min / bare", ".2f"),
-               ("peak_MiB", "peak MiB", ".0f"), ("agreement", "agreement", ".4f")],
+               ("peak_MiB", "peak MiB", ".0f"), ("agreement", "agreement", ".4f"),
+               ("faults", "page faults / call", ".0f")],
     "layer": [("N", "N", "d"), ("d", "d", "d"), ("K", "K", "d"), ("method", "method", "s"),
-              ("min_ms", "min ms", ".1f"), ("median_ms", "median ms", ".1f"), ("ratio_min", "min / bare", ".2f")],
+              ("min_ms", "min ms", ".1f"), ("median_ms", "median ms", ".1f"), ("ratio_min", "min / bare", ".2f"),
+              ("faults", "page faults / call", ".0f")],
 }

@@ -30,7 +30,7 @@ import torch
 
 from ._checks import check_vector_pair
 from .operators import (
-    _CPU_CHUNK_ELEMENTS,
+    _cpu_chunk_rows,
     ClippedRotation,
     Dense,
     Householder,
@@ -80,7 +80,7 @@ def _row_blocks(x: torch.Tensor) -> list[slice]:
     n, d = x.shape
     if torch.compiler.is_compiling():
         return [slice(None)]  # one block: no loop over a symbolic size in a compiled graph
-    step = max(1, n if x.device.type != "cpu" else _CPU_CHUNK_ELEMENTS // max(d, 1))
+    step = max(1, n) if x.device.type != "cpu" else _cpu_chunk_rows(d)
     return [slice(i, min(n, i + step)) for i in range(0, n, step)] or [slice(0, 0)]
 
 

@@ -93,10 +93,19 @@ __all__ = [
 
 # Rows with 1 + cos θ below this go through the float64 plane form (θ > 120°).
 _FAST_PATH_MIN_ONE_PLUS_COS = 0.5
-# Entries per operand in one chunk of the CPU fast path (2 MiB in float32): the chunk's
-# z, q, g and output then stay in cache across its passes. Measured on a 2-core EPYC:
-# 2**18..2**20 are best; 2**17 loses to per-op overhead, one unchunked pass is ~40% slower.
-_CPU_CHUNK_ELEMENTS = 2**19
+# Entries per operand and per thread in one chunk of the CPU fast path (512 KiB in
+# float32): a chunk's z, q, g and output then stay in the cores' L2 caches across its
+# passes. Measured on a 2-core Xeon (2 MiB L2 per core), forward + backward at
+# N x d = 65536 x 64, 16384 x 256, 4096 x 1024: 2**17 per thread was best at one and at two
+# threads (one thread: 13.8 / 11.1 / 11.7 ms against 16.3 / 14.4 / 14.8 ms for the former
+# fixed 2**19; two threads: chunks of 2**18 entries, 7.6 / 6.1 / 6.0 against 9.1 / 7.0 /
+# 7.2 ms); 2**15 and below lose to per-operation overhead.
+_CPU_CHUNK_ELEMENTS = 2**17
+
+
+def _cpu_chunk_rows(d: int) -> int:
+    """Rows per chunk of the CPU fast path for vectors of size ``d`` (at least one)."""
+    return max(1, _CPU_CHUNK_ELEMENTS * torch.get_num_threads() // max(d, 1))
 
 
 class JacobianSurrogate:
@@ -432,6 +441,25 @@ def _(g, z, q, m, lo, hi, u, tangent, reflect):
     return torch.empty_like(g)
 
 
+def fused_span(g: torch.Tensor, z: torch.Tensor, q: torch.Tensor, variant: "Variant"):
+    """The compiled backend's kernel alone on rows ``(n, d)`` (``n, d >= 2``): ``(G^T g,
+    rows)`` with ``rows`` the indices of the rows it flags as unhealthy (their entries
+    are not yet valid), or ``None`` if the kernel could not be built (the backend is then
+    eager again). :meth:`_RotationFamily._vjp` recomputes the flagged rows in the plane
+    form; :mod:`rotvq.bench` times this call on its own."""
+    cd = compute_dtype(z.dtype)
+    eps_in = input_eps(z.dtype)
+    if z.device.type == "cpu" and z.dtype in _cpu_kernel.DTYPES:  # hand-written C++ kernel
+        return _cpu_kernel.span_rows(g, z, q, variant.params(cd, z.device, eps_in))
+    # the kernel torch.compile generates (Triton on CUDA; half precision on CPU)
+    result = backend_compiled(_span_kernel, g.contiguous(), z.contiguous(), q.contiguous(),
+                              variant.params(cd, z.device), _pad(cd, z.device), eps_in)
+    if result is None:
+        return None
+    out, healthy = result
+    return out, (healthy <= 0).nonzero().squeeze(-1)  # the unhealthy rows, as the C++ kernel lists them
+
+
 class _RotationFamily(JacobianSurrogate):
     """Shared machinery of the rotation family: a subclass only sets ``self.variant``.
 
@@ -463,14 +491,7 @@ class _RotationFamily(JacobianSurrogate):
         cd = compute_dtype(z.dtype)
         eps_in = input_eps(z.dtype)
         if get_backend() == "compiled" and not self.variant.reflect and n >= 2 and d >= 2:
-            if z.device.type == "cpu" and z.dtype in _cpu_kernel.DTYPES:  # hand-written C++ kernel
-                result = _cpu_kernel.span_rows(g2, z2, q2, self.variant.params(cd, z.device, eps_in))
-            else:  # the kernel torch.compile generates (Triton on CUDA; half precision on CPU)
-                result = backend_compiled(_span_kernel, g2.contiguous(), z2.contiguous(), q2.contiguous(),
-                                          self.variant.params(cd, z.device), _pad(cd, z.device), eps_in)
-                if result is not None:
-                    out, healthy = result
-                    result = out, (healthy <= 0).nonzero().squeeze(-1)  # the unhealthy rows, as the C++ kernel
+            result = fused_span(g2, z2, q2, self.variant)
             if result is not None:  # None: compilation failed, the backend is eager again
                 out, bad = result
                 if bad.numel():
@@ -486,7 +507,7 @@ class _RotationFamily(JacobianSurrogate):
         Fast path, row by row: ``G^T g = α g + β z + γ q`` with per-row scalars built
         from five inner products (``|z|``, ``|q|``, ``z·q``, ``z·g``, ``q·g``), since
         ``G^T g`` lies in ``span{g, z, q}``. On CPU the rows are processed in chunks of
-        about ``_CPU_CHUNK_ELEMENTS`` entries so that the passes over one chunk run in
+        ``_CPU_CHUNK_ELEMENTS`` entries per thread so that the passes over one chunk run in
         cache; the output buffer doubles as the scratch space of the products, so the
         only ``(..., d)`` allocation is the result. Rows that fail the health test
         (see the module docstring) are then recomputed by the float64 plane form.
@@ -500,7 +521,7 @@ class _RotationFamily(JacobianSurrogate):
             return self._precise(g2, z2, q2, eps_in).reshape(*lead, d) if n else g2.clone().reshape(*lead, d)
         out = torch.empty((n, d), dtype=g2.dtype, device=g2.device)
         stats = torch.empty((3, n), dtype=g2.dtype, device=g2.device)  # |z|, |q|, cos θ per row
-        step = max(1, n if g2.device.type != "cpu" else _CPU_CHUNK_ELEMENTS // d)
+        step = max(1, n) if g2.device.type != "cpu" else _cpu_chunk_rows(d)
         for start in range(0, n, step):
             stop = min(n, start + step)
             self._fast_chunk(g2[start:stop], z2[start:stop], q2[start:stop], out[start:stop],

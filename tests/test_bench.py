@@ -1,0 +1,100 @@
+"""The benchmark library (rotvq.bench): its measurement helpers, not its timings."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rotvq
+from rotvq import bench
+
+
+@pytest.fixture
+def restore_backend():
+    before = rotvq.get_backend()
+    yield
+    rotvq.set_backend(before)
+
+
+def test_without_flagged_rows_keeps_norms_and_removes_wide_angles():
+    z, q, _ = bench._data(4096, 16, torch.device("cpu"))
+    cos = torch.nn.functional.cosine_similarity(z.detach(), q, dim=-1)
+    assert (cos < -0.5).sum() > 10  # independent random pairs at d = 16 have rows beyond 120°
+    q2 = bench.without_flagged_rows(z, q)
+    cos2 = torch.nn.functional.cosine_similarity(z.detach(), q2, dim=-1)
+    assert (cos2 >= 0).all()
+    assert torch.equal(q2.abs(), q.abs())  # only signs of whole rows change: the same data volume
+    _, flagged = bench.backward_kernel(z, q2, torch.randn_like(q))()
+    assert flagged.numel() == 0
+    _, flagged = bench.backward_kernel(z, q, torch.randn_like(q))()
+    assert flagged.numel() == int((cos < -0.5).sum())
+
+
+def test_backward_kernel_is_the_compiled_backends_kernel(restore_backend):
+    z, q, g = bench._data(512, 24, torch.device("cpu"))
+    q = bench.without_flagged_rows(z, q)
+    out, _ = bench.backward_kernel(z, q, g)()
+    rotvq.set_backend("compiled")
+    (grad,) = torch.autograd.grad(rotvq.rotation_trick(z, q), z, g)
+    assert torch.equal(out, grad)  # no flagged row: the full backward is the kernel's output
+
+
+def test_estimator_group_rows_and_fault_counts():
+    rows = bench.bench_estimators([(256, 16)], torch.device("cpu"), repeats=2, memory=True)
+    methods = [r["method"] for r in rows]
+    assert methods[:3] == [bench.FLOOR, bench.KERNEL, bench.NO_FLAGGED]
+    assert {"textbook_ste", "rotvq.rotation_trick[eager]", "rotvq.rotation_trick[compiled]"} <= set(methods)
+    ref = next(r for r in rows if r["method"] == "textbook_ste")
+    assert ref["ratio_min"] == 1.0
+    for r in rows:
+        assert r["min_ms"] > 0 and r["min_ms"] <= r["median_ms"]
+        assert isinstance(r["faults"], (int, float)) and r["faults"] >= 0
+
+
+_ALLOCATOR_CHILD = r"""
+import resource, sys, torch
+from rotvq.bench import steady_allocator
+if sys.argv[1] == "steady":
+    print(steady_allocator(), file=sys.stderr)
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+counts = []
+for _ in range(8):  # three live 64 MiB tensors (above glibc's largest automatic mmap threshold), then freed
+    f0 = faults()
+    x = torch.ones(2**24)
+    y = x + 1
+    w = y + 1
+    del x, y, w
+    counts.append(faults() - f0)
+print(max(counts[-3:]), min(counts[1:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and Linux fault counts")
+def test_steady_allocator_keeps_freed_memory():
+    """With glibc's defaults freed 64 MiB blocks go back to the system and the next ones
+    fault on every page; after steady_allocator() they are reused without faults."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    counts = {}
+    for mode in ("default", "steady"):
+        out = subprocess.run([sys.executable, "-c", _ALLOCATOR_CHILD, mode], capture_output=True, text=True,
+                             env=env, timeout=120)
+        assert out.returncode == 0, out.stderr
+        counts[mode] = [int(v) for v in out.stdout.split()]  # (max of the last 3 rounds, min after the first)
+        if mode == "steady":
+            assert out.stderr.strip().startswith("glibc mallopt"), out.stderr
+    pages = 3 * 2**24 * 4 // 4096
+    assert counts["default"][1] >= pages // 2  # every round faults afresh: the blocks went back to the system
+    assert counts["steady"][0] < 64  # reused: no fresh pages once the heap has grown
+
+
+def test_interleaved_reports_min_median_and_faults():
+    calls = []
+    res = bench.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                            torch.device("cpu"), repeats=3, warmup=1)
+    assert calls.count("a") == calls.count("b") == 4
+    for r in res.values():
+        assert len(r["times"]) == 3 and r["min"] <= r["median"] and r["faults"] >= 0
