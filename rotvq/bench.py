@@ -61,8 +61,8 @@ except ImportError:  # pragma: no cover - depends on the environment
     VectorQuantize = rotate_to = None
 
 __all__ = ["SHAPES", "SEARCH_CONFIGS", "RESULTS_FILE", "FLOOR", "load_results", "run_all", "interleaved",
-           "traffic_floor", "steady_allocator", "KERNEL", "NO_FLAGGED", "backward_kernel",
-           "without_flagged_rows",
+           "traffic_floor", "steady_allocator", "KERNEL", "FLAGGED", "backward_kernel",
+           "flagged_rows",
            "saved_for_backward", "estimator_methods", "bench_estimators", "bench_compiled",
            "bench_search", "bench_layer", "fmt_table"]
 
@@ -153,6 +153,12 @@ def _minor_faults() -> int:
 def interleaved(fns: dict, device: torch.device, repeats: int, warmup: int = 2) -> dict:
     """Time every callable of ``fns`` ``repeats`` times, round-robin (rotating start).
 
+    In each round every callable runs twice in a row and only the second call is timed:
+    it then starts with its own inputs in the caches, whichever method ran before it.
+    (Timing the first call instead made a method's time depend on its neighbour in the
+    round: on a machine whose last-level cache holds the whole working set, the kernel of
+    the compiled backend alone measured slower than the full backward that contains it.)
+
     Returns ``{name: {"min": s, "median": s, "times": [...], "faults": n}}`` with ``faults``
     the median number of minor page faults per timed call (fresh memory the call touched
     for the first time; see :func:`steady_allocator`).
@@ -166,6 +172,7 @@ def interleaved(fns: dict, device: torch.device, repeats: int, warmup: int = 2) 
     for r in range(repeats):
         order = names[r % len(names):] + names[:r % len(names)]
         for k in order:
+            fns[k]()  # untimed: warms the caches with this method's data
             sync(device)
             f0 = _minor_faults()
             t0 = time.perf_counter()
@@ -271,9 +278,9 @@ def _data(n, d, device, seed=0):
 #: Name of the traffic floor in the estimator tables.
 FLOOR = "floor: addcmul(g, z, q)"
 #: Ablations in the estimator tables: the compiled backend's kernel alone (no autograd, the
-#: flagged rows not recomputed), and the rotation trick on data with no flagged row.
+#: flagged rows not recomputed), and the recomputation of the flagged rows alone.
 KERNEL = "backward kernel alone [compiled]"
-NO_FLAGGED = "rotvq.rotation_trick[compiled], no flagged rows"
+FLAGGED = "flagged rows recomputed alone [compiled]"
 
 
 def traffic_floor(z, q, g):
@@ -292,22 +299,25 @@ def backward_kernel(z, q, g):
     return lambda: fused_span(g, z, q, variant)
 
 
-def without_flagged_rows(z, q):
-    """``q`` with every row at more than 90° from its ``z`` replaced by ``-q`` (then less
-    than 90°): the same memory traffic, and no row that the span form hands to the float64
-    plane form for its angle (independent random ``z``, ``q`` have rows beyond 120°: about
-    one in 65,536 at ``d = 64``, 2 % at ``d = 16``)."""
-    with torch.no_grad():
-        return torch.where(((z.detach().double() * q.double()).sum(-1) < 0)[:, None], -q, q)
+def flagged_rows(z, q, g):
+    """``(callable, k)``: the recomputation, in the float64 plane form, of the ``k`` rows
+    the compiled backend's kernel flags for the rotation trick on ``(z, q)``, alone (the
+    step of the backward after :func:`backward_kernel`; independent random ``z`` and ``q``
+    have rows beyond 120°: about one in 65,536 at ``d = 64``, 2 % at ``d = 16``)."""
+    z, op = z.detach(), rotvq.Rotation()
+    result = fused_span(g, z, q, op.variant)
+    if result is None:  # no compiled backend here: nothing is flagged
+        return (lambda: None), 0
+    out, rows = result
+    return (lambda: op._recompute_rows(out, rows, g, z, q)), int(rows.numel())
 
 
-def _ablations(z, q, g, compiled_fn=None) -> dict:
-    """The rows of an estimator group that are not estimators: the traffic floor, the
-    kernel alone and the compiled backend on data with no flagged row (``compiled_fn``:
-    the function timed for the last one, default :func:`rotvq.rotation_trick`)."""
-    fn = _BackendRun("compiled", compiled_fn or rotvq.rotation_trick)
-    return {FLOOR: traffic_floor(z, q, g), KERNEL: backward_kernel(z, q, g),
-            NO_FLAGGED: fwd_bwd(fn, z, without_flagged_rows(z, q), g)}
+def _ablations(z, q, g) -> tuple[dict, dict]:
+    """The rows of an estimator group that are not estimators (floor, kernel alone, flagged
+    rows alone) and, per row name, extra fields for its table row."""
+    recompute, k = flagged_rows(z, q, g)
+    return ({FLOOR: traffic_floor(z, q, g), KERNEL: backward_kernel(z, q, g), FLAGGED: recompute},
+            {FLAGGED: {"flagged_rows": k}})
 
 
 def _plain_row(n, d, name, r, ref, **extra):
@@ -332,12 +342,12 @@ def bench_estimators(shapes, device, repeats, dense_elements=2**20, memory=True)
             else:
                 fns[name] = fwd_bwd(fn, z, q, g)
                 scale[name] = (1.0, z, q)
-        extras = _ablations(z, q, g)
+        extras, fields = _ablations(z, q, g)
         fns.update(extras)
         res = interleaved(fns, device, repeats)
         ref = res["textbook_ste"]
         none = dict(saved_MiB=None, extra_MiB=None) if memory else {}
-        rows += [_plain_row(n, d, name, res[name], ref, **none) for name in extras]
+        rows += [_plain_row(n, d, name, res[name], ref, **none, **fields.get(name, {})) for name in extras]
         for name in methods:
             s, zz, qq = scale[name]
             r = res[name]
@@ -370,10 +380,11 @@ def bench_compiled(shapes, device, repeats) -> list[dict]:
     for n, d in shapes:
         z, q, g = _data(n, d, device)
         fns = {k: fwd_bwd(f, z, q, g) for k, f in fns_by_name.items()}
-        fns.update({k if k != NO_FLAGGED else "compiled " + k: f for k, f in _ablations(z, q, g, rotation).items()})
+        extras, fields = _ablations(z, q, g)
+        fns.update(extras)
         res = interleaved(fns, device, repeats)
         ref = res["compiled textbook_ste"]
-        rows += [_plain_row(n, d, k, r, ref) for k, r in res.items()]
+        rows += [_plain_row(n, d, k, r, ref, **fields.get(k, {})) for k, r in res.items()]
     return rows
 
 

@@ -494,11 +494,17 @@ class _RotationFamily(JacobianSurrogate):
             result = fused_span(g2, z2, q2, self.variant)
             if result is not None:  # None: compilation failed, the backend is eager again
                 out, bad = result
-                if bad.numel():
-                    out[bad] = self._precise(g2[bad].to(cd), z2[bad].to(cd), q2[bad].to(cd), eps_in).to(g.dtype)
+                self._recompute_rows(out, bad, g2, z2, q2)
                 return out.reshape(*lead, d)
         out = self.apply_transpose(g2.to(cd), z2.to(cd), q2.to(cd), eps_in=eps_in)
         return out.to(g.dtype).reshape(*lead, d)
+
+    def _recompute_rows(self, out, rows, g, z, q):
+        """Overwrite ``out[rows]`` (the rows :func:`fused_span` flagged) with the float64
+        plane form; ``g, z, q``: the ``(n, d)`` inputs in their own dtype."""
+        if rows.numel():
+            cd, eps_in = compute_dtype(z.dtype), input_eps(z.dtype)
+            out[rows] = self._precise(g[rows].to(cd), z[rows].to(cd), q[rows].to(cd), eps_in).to(out.dtype)
 
     def apply_transpose(self, g, z, q, eps_in=None):
         """``G^T g`` in the eager backend; ``eps_in`` is the machine epsilon of the

@@ -19,33 +19,30 @@ def restore_backend():
     rotvq.set_backend(before)
 
 
-def test_without_flagged_rows_keeps_norms_and_removes_wide_angles():
-    z, q, _ = bench._data(4096, 16, torch.device("cpu"))
+def test_kernel_and_flagged_rows_make_up_the_compiled_backward(restore_backend):
+    """backward_kernel + flagged_rows are the two steps of the compiled backend's backward:
+    run in that order on the kernel's output they give the gradient autograd returns."""
+    z, q, g = bench._data(4096, 16, torch.device("cpu"))
     cos = torch.nn.functional.cosine_similarity(z.detach(), q, dim=-1)
-    assert (cos < -0.5).sum() > 10  # independent random pairs at d = 16 have rows beyond 120°
-    q2 = bench.without_flagged_rows(z, q)
-    cos2 = torch.nn.functional.cosine_similarity(z.detach(), q2, dim=-1)
-    assert (cos2 >= 0).all()
-    assert torch.equal(q2.abs(), q.abs())  # only signs of whole rows change: the same data volume
-    _, flagged = bench.backward_kernel(z, q2, torch.randn_like(q))()
-    assert flagged.numel() == 0
-    _, flagged = bench.backward_kernel(z, q, torch.randn_like(q))()
-    assert flagged.numel() == int((cos < -0.5).sum())
-
-
-def test_backward_kernel_is_the_compiled_backends_kernel(restore_backend):
-    z, q, g = bench._data(512, 24, torch.device("cpu"))
-    q = bench.without_flagged_rows(z, q)
-    out, _ = bench.backward_kernel(z, q, g)()
+    expected_rows = int((1 + cos < 0.5).sum())
+    assert expected_rows > 10  # independent random pairs at d = 16 have rows beyond 120°
+    recompute, k = bench.flagged_rows(z, q, g)
+    assert k == expected_rows
+    out, rows = bench.backward_kernel(z, q, g)()
+    assert rows.numel() == k
+    op = rotvq.Rotation()
+    op._recompute_rows(out, rows, g, z.detach(), q)
     rotvq.set_backend("compiled")
     (grad,) = torch.autograd.grad(rotvq.rotation_trick(z, q), z, g)
-    assert torch.equal(out, grad)  # no flagged row: the full backward is the kernel's output
+    assert torch.equal(out, grad)
+    recompute()  # runs on its own (the benchmark times it)
 
 
 def test_estimator_group_rows_and_fault_counts():
     rows = bench.bench_estimators([(256, 16)], torch.device("cpu"), repeats=2, memory=True)
     methods = [r["method"] for r in rows]
-    assert methods[:3] == [bench.FLOOR, bench.KERNEL, bench.NO_FLAGGED]
+    assert methods[:3] == [bench.FLOOR, bench.KERNEL, bench.FLAGGED]
+    assert rows[2]["flagged_rows"] >= 0
     assert {"textbook_ste", "rotvq.rotation_trick[eager]", "rotvq.rotation_trick[compiled]"} <= set(methods)
     ref = next(r for r in rows if r["method"] == "textbook_ste")
     assert ref["ratio_min"] == 1.0
@@ -95,6 +92,6 @@ def test_interleaved_reports_min_median_and_faults():
     calls = []
     res = bench.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
                             torch.device("cpu"), repeats=3, warmup=1)
-    assert calls.count("a") == calls.count("b") == 4
+    assert calls.count("a") == calls.count("b") == 1 + 2 * 3  # warm-up, then an untimed and a timed call per round
     for r in res.values():
         assert len(r["times"]) == 3 and r["min"] <= r["median"] and r["faults"] >= 0
