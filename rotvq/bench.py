@@ -5,11 +5,14 @@ module holds the measurements so that the book's appendix (``book/benchmarks.ipy
 can import them and read the stored results (:func:`load_results`) without path tricks.
 
 Everything is measured in one process and *interleaved*: each round runs every method of
-a group once, in a rotating order, so that a slow spell of a shared machine hits all
-methods alike. Reported per method: the minimum and the median over the rounds (after
-warm-up rounds), and their ratios to the reference of the group. The load average of the
-machine (``os.getloadavg``) is recorded before and after every group: on a shared machine
-the minima are the figures to compare, the medians show the noise.
+a group in a rotating order, so that a slow spell of a shared machine hits all methods
+alike; each method runs twice in a row and only the second call is timed (its own data
+then sits in the caches, whatever ran before it). Reported per method: the minimum and
+the median over the rounds (after warm-up rounds), their ratios to the reference of the
+group, and the minor page faults per timed call. :func:`run_all` first makes the C
+allocator keep freed memory (:func:`steady_allocator`). The load average of the machine
+(``os.getloadavg``) is recorded before and after every group: on a shared machine the
+minima are the figures to compare, the medians show the noise.
 
 Groups (forward + backward of ``z_q`` with a fixed upstream gradient ``g``):
 
@@ -17,11 +20,13 @@ Groups (forward + backward of ``z_q`` with a fixed upstream gradient ``g``):
   ``rotvq.rotation_trick`` under the eager and the compiled backend
   (:mod:`rotvq.backend`), the rotation trick in plain autograd operations, the explicit
   ``d × d`` route (timed on a subset of rows and scaled to ``N``, marked ``*``) and
-  ``vector_quantize_pytorch``'s ``rotate_to`` when installed, and the traffic floor
-  (:func:`traffic_floor`);
+  ``vector_quantize_pytorch``'s ``rotate_to`` when installed, the traffic floor
+  (:func:`traffic_floor`), and the two steps of the compiled backend's backward timed
+  alone (:func:`backward_kernel`, :func:`flagged_rows`);
 * ``compiled``: ``torch.compile(fullgraph=True)`` of a function calling the textbook
   STE (reference) against the same for ``rotvq.rotation_trick``, under each backend
-  (inside a compiled graph the backward is one custom operator that runs the backend);
+  (inside a compiled graph the backward is one custom operator that runs the backend),
+  and for ``rotvq.ste`` (the compiled caller's own cost), with the same floor and steps;
 * ``sweep``: the estimators over ``d`` at a fixed number of entries ``N d``;
 * ``search``: :func:`rotvq.nearest_code` against a bare ``torch.addmm`` + ``argmin``
   over the whole ``N × K`` score matrix (code norms precomputed), with agreement and
