@@ -211,8 +211,7 @@ def steady_allocator(limit: int = 2**30) -> str:
     try:
         libc = ctypes.CDLL(None)
         mallopt = libc.mallopt
-        if not libc.gnu_get_libc_version:
-            raise AttributeError
+        libc.gnu_get_libc_version  # noqa: B018 - only glibc has it (AttributeError otherwise)
     except (OSError, AttributeError):
         return "unchanged (not glibc)"
     ok = mallopt(_M_TRIM_THRESHOLD, limit) == 1 and mallopt(_M_MMAP_THRESHOLD, limit) == 1
@@ -326,6 +325,7 @@ def _ablations(z, q, g) -> tuple[dict, dict]:
 
 
 def _plain_row(n, d, name, r, ref, **extra):
+    """A table row for method ``name`` (timings ``r``, reference timings ``ref``)."""
     return {"N": n, "d": d, "method": name, "min_ms": 1e3 * r["min"], "median_ms": 1e3 * r["median"],
             "ratio_min": r["min"] / ref["min"], "ratio_median": r["median"] / ref["median"],
             "faults": r["faults"], **extra}
@@ -456,11 +456,8 @@ def bench_search(configs, device, repeats, threads, peak=True) -> list[dict]:
         ref = res["bare addmm+argmin"]
         for name, r in res.items():
             b = search_peak_bytes(n, d, k, name, device, threads) if peak else None
-            rows.append({"N": n, "d": d, "K": k, "method": name, "min_ms": 1e3 * r["min"],
-                         "median_ms": 1e3 * r["median"], "ratio_min": r["min"] / ref["min"],
-                         "ratio_median": r["median"] / ref["median"],
-                         "peak_MiB": None if b is None else b / 2**20, "agreement": agree,
-                         "faults": r["faults"]})
+            rows.append(_plain_row(n, d, name, r, ref, K=k, peak_MiB=None if b is None else b / 2**20,
+                                   agreement=agree))
     return rows
 
 
@@ -508,10 +505,7 @@ def bench_layer(configs, device, repeats, vqp_configs=()) -> list[dict]:
         fns["bare addmm+argmin"] = bare_search(z.detach(), codebook)
         res = interleaved(fns, device, repeats, warmup=1)
         ref = res["bare addmm+argmin"]
-        rows += [{"N": n, "d": d, "K": k, "method": name, "min_ms": 1e3 * r["min"], "median_ms": 1e3 * r["median"],
-                  "ratio_min": r["min"] / ref["min"], "ratio_median": r["median"] / ref["median"],
-                  "faults": r["faults"]}
-                 for name, r in res.items()]
+        rows += [_plain_row(n, d, name, r, ref, K=k) for name, r in res.items()]
     return rows
 
 

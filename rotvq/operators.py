@@ -488,14 +488,13 @@ class _RotationFamily(JacobianSurrogate):
         lead = z.shape[:-1]
         g2, z2, q2 = g.reshape(-1, d), z.reshape(-1, d), q.reshape(-1, d)  # (n, d), views when possible
         n = z2.shape[0]
-        cd = compute_dtype(z.dtype)
-        eps_in = input_eps(z.dtype)
         if get_backend() == "compiled" and not self.variant.reflect and n >= 2 and d >= 2:
             result = fused_span(g2, z2, q2, self.variant)
             if result is not None:  # None: compilation failed, the backend is eager again
                 out, bad = result
                 self._recompute_rows(out, bad, g2, z2, q2)
                 return out.reshape(*lead, d)
+        cd, eps_in = compute_dtype(z.dtype), input_eps(z.dtype)
         out = self.apply_transpose(g2.to(cd), z2.to(cd), q2.to(cd), eps_in=eps_in)
         return out.to(g.dtype).reshape(*lead, d)
 
