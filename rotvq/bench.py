@@ -208,6 +208,8 @@ def steady_allocator(limit: int = 2**30) -> str:
     Returns what was done, for the results file: ``"glibc mallopt: ..."``, or why nothing
     was (not glibc, or ``mallopt`` refused).
     """
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit < 2**31:
+        raise ValueError(f"limit must be an int of bytes in (0, 2**31) (mallopt takes a C int); got {limit!r}")
     try:
         libc = ctypes.CDLL(None)
         mallopt = libc.mallopt

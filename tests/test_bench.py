@@ -88,6 +88,12 @@ def test_steady_allocator_keeps_freed_memory():
     assert counts["steady"][0] < 64  # reused: most rounds touch no fresh page once the heap has grown
 
 
+@pytest.mark.parametrize("limit", [0, -1, 2**31, 1.5, True, "1"])
+def test_steady_allocator_rejects_bad_limits(limit):
+    with pytest.raises(ValueError, match="limit"):
+        bench.steady_allocator(limit)
+
+
 def test_interleaved_reports_min_median_and_faults():
     calls = []
     res = bench.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
