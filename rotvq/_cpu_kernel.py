@@ -27,14 +27,18 @@ __all__ = ["SOURCE", "ARGTYPES", "DTYPES", "build", "span_rows"]
 #: C++ source; ``SCALAR`` is replaced by ``float`` or ``double``.
 SOURCE = r"""
 #include <torch/csrc/inductor/cpp_prefix.h>
-// G^T g = alpha g + bz z + bq q for every row (rot-span); unhealthy[r] flags the rows the
-// span form does not evaluate accurately (rotvq.operators._healthy), count[0] counts them
-// and rows[0 .. count) lists them if there are at most `capacity`.
+// G^T g = alpha g + bz z + bq q for every row (rot-span). aux (one allocation, int64):
+// aux[0] counts the rows the span form does not evaluate accurately
+// (rotvq.operators._healthy), aux[1 .. 1 + count) lists them if there are at most
+// `capacity`, and the n bytes from aux + 1 + capacity flag them (1 = unhealthy).
 // params: [m, lo, hi, u, tau, eps_in] of the variant (rotvq.operators.Variant).
 extern "C" void kernel(const SCALAR* g, const SCALAR* z, const SCALAR* q, const SCALAR* params,
-                       SCALAR* out, bool* unhealthy, int64_t* rows, int64_t* count, const int64_t n,
-                       const int64_t d, const int64_t threads, const int64_t capacity)
+                       SCALAR* out, int64_t* aux, const int64_t n, const int64_t d, const int64_t threads,
+                       const int64_t capacity)
 {
+    int64_t* count = aux;
+    int64_t* rows = aux + 1;
+    bool* unhealthy = reinterpret_cast<bool*>(aux + 1 + capacity);
     using Vec = at::vec::Vectorized<SCALAR>;
     constexpr int64_t W = Vec::size();
     const int64_t dv = d - d % W;
@@ -99,8 +103,9 @@ _C_TYPES = {torch.float32: "float", torch.float64: "double"}
 DTYPES = tuple(_C_TYPES)
 # The kernel lists the unhealthy rows itself when there are at most this many.
 _ROWS_LISTED = 256
-ARGTYPES = ["const {t}*", "const {t}*", "const {t}*", "const {t}*", "{t}*", "bool*", "int64_t*", "int64_t*",
+ARGTYPES = ["const {t}*", "const {t}*", "const {t}*", "const {t}*", "{t}*", "int64_t*",
             "const int64_t", "const int64_t", "const int64_t", "const int64_t"]
+_NO_ROWS = torch.empty(0, dtype=torch.int64)  # returned (never written) when no row is flagged
 
 
 def build(dtype: torch.dtype):
@@ -123,11 +128,13 @@ def span_rows(g: torch.Tensor, z: torch.Tensor, q: torch.Tensor, params: torch.T
     g, z, q = g.contiguous(), z.contiguous(), q.contiguous()
     n, d = z.shape
     out = torch.empty_like(z)
-    unhealthy = torch.empty(n, dtype=torch.bool)
-    rows = torch.empty(min(n, _ROWS_LISTED), dtype=torch.int64)  # small: no large allocation per call
-    count = torch.empty(1, dtype=torch.int64)
-    if not native(build, z.dtype, g, z, q, params, out, unhealthy, rows, count, n, d, torch.get_num_threads(),
-                  rows.numel()):
+    capacity = min(n, _ROWS_LISTED)
+    aux = torch.empty(1 + capacity + (n + 7) // 8, dtype=torch.int64)  # count, rows, n flag bytes
+    if not native(build, z.dtype, g, z, q, params, out, aux, n, d, torch.get_num_threads(), capacity):
         return None
-    bad = int(count)
-    return out, rows[:bad] if bad <= rows.numel() else unhealthy.nonzero().squeeze(1)
+    bad = int(aux[0])
+    if bad == 0:
+        return out, _NO_ROWS
+    if bad <= capacity:
+        return out, aux[1:1 + bad]
+    return out, aux[1 + capacity:].view(torch.bool)[:n].nonzero().squeeze(1)

@@ -21,12 +21,19 @@ Groups (forward + backward of ``z_q`` with a fixed upstream gradient ``g``):
   (:mod:`rotvq.backend`), the rotation trick in plain autograd operations, the explicit
   ``d × d`` route (timed on a subset of rows and scaled to ``N``, marked ``*``) and
   ``vector_quantize_pytorch``'s ``rotate_to`` when installed, the traffic floor
-  (:func:`traffic_floor`), and the two steps of the compiled backend's backward timed
-  alone (:func:`backward_kernel`, :func:`flagged_rows`);
+  (:func:`traffic_floor`), the two steps of the compiled backend's backward timed
+  alone (:func:`backward_kernel`, :func:`flagged_rows`), and the rotation trick under the
+  compiled backend with its kernel clocked from inside the call (:func:`clocked_inside`);
 * ``compiled``: ``torch.compile(fullgraph=True)`` of a function calling the textbook
   STE (reference) against the same for ``rotvq.rotation_trick``, under each backend
   (inside a compiled graph the backward is one custom operator that runs the backend),
-  and for ``rotvq.ste`` (the compiled caller's own cost), with the same floor and steps;
+  and for ``rotvq.ste`` (the compiled caller's own cost), with the same floor and steps,
+  and the compiled rotation trick and textbook STE on :data:`CALL_ROWS` rows, warm and
+  right after a pass over the full-size data (:func:`call_row_name`): the fixed cost of
+  a call, in the cache state in which a full-size call starts; and the compiled rotation
+  trick with its kernel clocked from inside the call (:func:`clocked_inside`: the time
+  before, in and after the kernel, fields ``before_kernel_ms``, ``kernel_ms``,
+  ``after_kernel_ms`` of the fastest call);
 * ``sweep``: the estimators over ``d`` at a fixed number of entries ``N d``;
 * ``search``: :func:`rotvq.nearest_code` against a bare ``torch.addmm`` + ``argmin``
   over the whole ``N × K`` score matrix (code norms precomputed), with agreement and
@@ -56,6 +63,7 @@ import torch
 
 import rotvq
 from rotvq.backend import get_backend, set_backend
+from rotvq import _cpu_kernel
 from rotvq.operators import fused_span
 from rotvq.search import nearest_code
 
@@ -67,7 +75,8 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 __all__ = ["SHAPES", "SEARCH_CONFIGS", "RESULTS_FILE", "FLOOR", "load_results", "run_all", "interleaved",
            "traffic_floor", "steady_allocator", "KERNEL", "FLAGGED", "backward_kernel",
-           "flagged_rows",
+           "flagged_rows", "CALL_ROWS", "CALL_METHODS", "call_row_name", "INSIDE", "ESTIMATOR_INSIDE", "clocked_name",
+           "clocked_inside",
            "saved_for_backward", "estimator_methods", "bench_estimators", "bench_compiled",
            "bench_search", "bench_layer", "fmt_table"]
 
@@ -155,7 +164,7 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
 
 
-def interleaved(fns: dict, device: torch.device, repeats: int, warmup: int = 2) -> dict:
+def interleaved(fns: dict, device: torch.device, repeats: int, warmup: int = 2, before: dict | None = None) -> dict:
     """Time every callable of ``fns`` ``repeats`` times, round-robin (rotating start).
 
     In each round every callable runs twice in a row and only the second call is timed:
@@ -164,10 +173,14 @@ def interleaved(fns: dict, device: torch.device, repeats: int, warmup: int = 2) 
     round: on a machine whose last-level cache holds the whole working set, the kernel of
     the compiled backend alone measured slower than the full backward that contains it.)
 
+    ``before``: for some names, a callable run untimed between the two calls (for example a
+    pass over other data, so that the timed call starts with that data in the caches).
+
     Returns ``{name: {"min": s, "median": s, "times": [...], "faults": n}}`` with ``faults``
     the median number of minor page faults per timed call (fresh memory the call touched
     for the first time; see :func:`steady_allocator`).
     """
+    before = before or {}
     names = list(fns)
     times = {k: [] for k in names}
     faults = {k: [] for k in names}
@@ -178,6 +191,8 @@ def interleaved(fns: dict, device: torch.device, repeats: int, warmup: int = 2) 
         order = names[r % len(names):] + names[:r % len(names)]
         for k in order:
             fns[k]()  # untimed: warms the caches with this method's data
+            if k in before:
+                before[k]()
             sync(device)
             f0 = _minor_faults()
             t0 = time.perf_counter()
@@ -350,8 +365,10 @@ def bench_estimators(shapes, device, repeats, dense_elements=2**20, memory=True)
                 fns[name] = fwd_bwd(fn, z, q, g)
                 scale[name] = (1.0, z, q)
         extras, fields = _ablations(z, q, g)
+        extras[ESTIMATOR_INSIDE], splits = clocked_inside(fns["rotvq.rotation_trick[compiled]"])
         fns.update(extras)
         res = interleaved(fns, device, repeats)
+        fields[ESTIMATOR_INSIDE] = _split_fields(splits)
         ref = res["textbook_ste"]
         none = dict(saved_MiB=None, extra_MiB=None) if memory else {}
         rows += [_plain_row(n, d, name, res[name], ref, **none, **fields.get(name, {})) for name in extras]
@@ -389,10 +406,86 @@ def bench_compiled(shapes, device, repeats) -> list[dict]:
         fns = {k: fwd_bwd(f, z, q, g) for k, f in fns_by_name.items()}
         extras, fields = _ablations(z, q, g)
         fns.update(extras)
-        res = interleaved(fns, device, repeats)
+        # the call machinery alone: the compiled callers on CALL_ROWS rows, warm and right
+        # after a pass over this shape's data (the cache state a full-size call starts in)
+        small = _data(min(n, CALL_ROWS), d, device)
+        stream = traffic_floor(z, q, g)
+        before = {}
+        for k in CALL_METHODS:
+            fns[call_row_name(k)] = fns[call_row_name(k, after_pass=True)] = fwd_bwd(fns_by_name[k], *small)
+            before[call_row_name(k, after_pass=True)] = stream
+        fns[INSIDE], splits = clocked_inside(fns["compiled rotvq.rotation_trick[compiled]"])
+        res = interleaved(fns, device, repeats, before=before)
+        fields[INSIDE] = _split_fields(splits)
         ref = res["compiled textbook_ste"]
         rows += [_plain_row(n, d, k, r, ref, **fields.get(k, {})) for k, r in res.items()]
     return rows
+
+
+def clocked_name(method: str) -> str:
+    """Name of the row that times ``method`` with its kernel clocked from inside
+    (:func:`clocked_inside`)."""
+    return f"{method}, kernel clocked inside"
+
+
+#: The compiled group's row of the compiled rotation trick with its kernel clocked from inside.
+INSIDE = clocked_name("compiled rotvq.rotation_trick[compiled]")
+
+
+def _split_fields(splits) -> dict:
+    """``before_kernel_ms``, ``kernel_ms``, ``after_kernel_ms`` of the fastest clocked call
+    (``None`` when no call ran the CPU kernel)."""
+    fastest = min(splits, key=sum) if splits else (None, None, None)
+    return {f"{part}_ms": None if v is None else 1e3 * v
+            for part, v in zip(("before_kernel", "kernel", "after_kernel"), fastest)}
+
+
+def clocked_inside(run):
+    """``(call, splits)``: ``call`` runs ``run`` (a forward + backward) with the compiled
+    backend's CPU kernel (``rotvq._cpu_kernel.span_rows``) clocked from inside, and appends
+    ``(before, kernel, after)`` in seconds to ``splits``: the time from the start of the
+    call to the kernel's start, in the kernel, and from its end to the end of the call.
+    Nothing is appended when the call did not run that kernel exactly once (CUDA, half
+    precision, the eager backend)."""
+    splits, marks = [], []
+    kernel = _cpu_kernel.span_rows
+
+    def clocked(*args):
+        marks.append(time.perf_counter())
+        result = kernel(*args)
+        marks.append(time.perf_counter())
+        return result
+
+    def call():
+        marks.clear()
+        _cpu_kernel.span_rows = clocked
+        try:
+            t0 = time.perf_counter()
+            run()
+            t1 = time.perf_counter()
+        finally:
+            _cpu_kernel.span_rows = kernel
+        if len(marks) == 2:
+            splits.append((marks[0] - t0, marks[1] - marks[0], t1 - marks[1]))
+
+    return call, splits
+
+
+#: The estimator group's row of the rotation trick (compiled backend) with its kernel clocked
+#: from inside.
+ESTIMATOR_INSIDE = clocked_name("rotvq.rotation_trick[compiled]")
+#: Rows on which :func:`bench_compiled` times the compiled callers' machinery alone.
+CALL_ROWS = 64
+#: The compiled callers whose machinery :func:`bench_compiled` times alone.
+CALL_METHODS = ("compiled rotvq.rotation_trick[compiled]", "compiled textbook_ste")
+
+
+def call_row_name(method: str, after_pass: bool = False) -> str:
+    """Name of the row of the compiled group that times ``method`` (one of
+    :data:`CALL_METHODS`) on :data:`CALL_ROWS` rows, warm or (``after_pass``) right after a
+    pass over the group's full-size data (:func:`traffic_floor`): its fixed cost per call,
+    in the cache state in which a full-size call starts."""
+    return f"{method} on {CALL_ROWS} rows" + (", after a pass over the data" if after_pass else "")
 
 
 # ------------------------------------------------------------------------------------

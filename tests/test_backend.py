@@ -107,6 +107,28 @@ def test_compiled_equals_eager_with_degenerate_rows(name, dtype, restore_backend
     assert (grad_c[~degenerate].double() - grad_e[~degenerate].double()).abs().max() <= 8 * eps * scale
 
 
+@pytest.mark.parametrize("backend_name", ["eager", "compiled"])
+@pytest.mark.parametrize("name", list(OPERATORS))
+def test_the_custom_operator_is_the_backward(name, backend_name, restore_backend):
+    """``torch.ops.rotvq.rotation_family_vjp`` (what a compiled caller's graph calls) gives
+    the estimator's backward bitwise, degenerate rows included, under either backend and
+    for (n, d) and (..., d) inputs; ``torch.library.opcheck`` accepts its registration
+    (schema, fake tensor, dynamic-shape AOT dispatch)."""
+    z, q, g = degenerate_batch(torch.float64)
+    est = rotvq.get_surrogate(name, **OPERATORS[name])
+    v = est.variant
+    fields = (v.m, v.lo, v.hi, v.u, v.tangent, v.reflect)
+    set_backend(backend_name)
+    _, grad = grad_of(z, q, g, est)
+    assert torch.equal(torch.ops.rotvq.rotation_family_vjp(g, z, q, *fields), grad)
+    batched = torch.ops.rotvq.rotation_family_vjp(g.view(2, 8, -1), z.view(2, 8, -1), q.view(2, 8, -1), *fields)
+    assert batched.shape == (2, 8, z.shape[-1]) and torch.equal(batched.view_as(grad), grad)
+    result = torch.library.opcheck(torch.ops.rotvq.rotation_family_vjp.default, (g, z, q, *fields),
+                                   test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    assert set(result.values()) == {"SUCCESS"}, result
+    assert get_backend() == backend_name
+
+
 def _count_calls(table, key, monkeypatch):
     """Count the calls of the kernel ``table[key]`` from now on."""
     calls = []

@@ -41,7 +41,8 @@ def test_kernel_and_flagged_rows_make_up_the_compiled_backward(restore_backend):
 def test_estimator_group_rows_and_fault_counts():
     rows = bench.bench_estimators([(256, 16)], torch.device("cpu"), repeats=2, memory=True)
     methods = [r["method"] for r in rows]
-    assert methods[:3] == [bench.FLOOR, bench.KERNEL, bench.FLAGGED]
+    assert methods[:4] == [bench.FLOOR, bench.KERNEL, bench.FLAGGED, bench.ESTIMATOR_INSIDE]
+    assert rows[3]["kernel_ms"] > 0 and rows[3]["before_kernel_ms"] > 0 and rows[3]["after_kernel_ms"] > 0
     assert rows[2]["flagged_rows"] >= 0
     assert {"textbook_ste", "rotvq.rotation_trick[eager]", "rotvq.rotation_trick[compiled]"} <= set(methods)
     ref = next(r for r in rows if r["method"] == "textbook_ste")
@@ -101,3 +102,42 @@ def test_interleaved_reports_min_median_and_faults():
     assert calls.count("a") == calls.count("b") == 1 + 2 * 3  # warm-up, then an untimed and a timed call per round
     for r in res.values():
         assert len(r["times"]) == 3 and r["min"] <= r["median"] and r["faults"] >= 0
+
+
+def test_interleaved_runs_before_between_the_two_calls():
+    calls = []
+    bench.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, torch.device("cpu"),
+                      repeats=2, warmup=0, before={"a": lambda: calls.append("pass")})
+    # round 1 starts with a, round 2 with b; "pass" runs after a's untimed call only
+    assert calls == ["a", "pass", "a", "b", "b", "b", "b", "a", "pass", "a"]
+
+
+def test_compiled_group_times_the_call_machinery_alone(restore_backend):
+    """The compiled group has the two callers on CALL_ROWS rows, warm and after a pass over
+    the full-size data, beside the full-size rows."""
+    rows = bench.bench_compiled([(256, 16)], torch.device("cpu"), repeats=2)
+    methods = [r["method"] for r in rows]
+    assert methods[0] == "compiled textbook_ste" and "compiled rotvq.rotation_trick[compiled]" in methods
+    for m in bench.CALL_METHODS:
+        assert m in methods
+        assert bench.call_row_name(m) in methods and bench.call_row_name(m, after_pass=True) in methods
+    assert bench.call_row_name(bench.CALL_METHODS[0], after_pass=True).endswith(", after a pass over the data")
+    assert len(set(methods)) == len(methods)
+    for r in rows:
+        assert r["min_ms"] > 0 and r["N"] == 256 and r["d"] == 16
+    inside = next(r for r in rows if r["method"] == bench.INSIDE)
+    parts = [inside[f"{p}_ms"] for p in ("before_kernel", "kernel", "after_kernel")]
+    assert all(p > 0 for p in parts) and sum(parts) <= inside["median_ms"] * 1.5
+
+
+def test_clocked_inside_splits_a_call_at_the_kernel(restore_backend):
+    z, q, g = bench._data(512, 32, torch.device("cpu"))
+    rotvq.set_backend("compiled")
+    call, splits = bench.clocked_inside(bench.fwd_bwd(rotvq.rotation_trick, z, q, g))
+    call()
+    call()
+    assert len(splits) == 2 and all(len(s) == 3 and min(s) > 0 for s in splits)
+    assert rotvq._cpu_kernel.span_rows is bench._cpu_kernel.span_rows  # restored after the call
+    rotvq.set_backend("eager")  # no fused kernel: nothing to split
+    call()
+    assert len(splits) == 2
