@@ -29,11 +29,11 @@ Groups (forward + backward of ``z_q`` with a fixed upstream gradient ``g``):
   (inside a compiled graph the backward is one custom operator that runs the backend),
   and for ``rotvq.ste`` (the compiled caller's own cost), with the same floor and steps,
   and the compiled rotation trick and textbook STE on :data:`CALL_ROWS` rows, warm and
-  right after a pass over the full-size data (:func:`call_row_name`): the fixed cost of
-  a call, in the cache state in which a full-size call starts; and the compiled rotation
+  right after an untimed pass over the full-size data (:func:`call_row_name`), where the
+  kernels cost little; and the compiled rotation
   trick with its kernel clocked from inside the call (:func:`clocked_inside`: the time
   before, in and after the kernel, fields ``before_kernel_ms``, ``kernel_ms``,
-  ``after_kernel_ms`` of the fastest call);
+  ``after_kernel_ms`` of the timed call that gave the row's minimum);
 * ``sweep``: the estimators over ``d`` at a fixed number of entries ``N d``;
 * ``search``: :func:`rotvq.nearest_code` against a bare ``torch.addmm`` + ``argmin``
   over the whole ``N × K`` score matrix (code norms precomputed), with agreement and
@@ -368,7 +368,7 @@ def bench_estimators(shapes, device, repeats, dense_elements=2**20, memory=True)
         extras[ESTIMATOR_INSIDE], splits = clocked_inside(fns["rotvq.rotation_trick[compiled]"])
         fns.update(extras)
         res = interleaved(fns, device, repeats)
-        fields[ESTIMATOR_INSIDE] = _split_fields(splits)
+        fields[ESTIMATOR_INSIDE] = _split_fields(splits, res[ESTIMATOR_INSIDE])
         ref = res["textbook_ste"]
         none = dict(saved_MiB=None, extra_MiB=None) if memory else {}
         rows += [_plain_row(n, d, name, res[name], ref, **none, **fields.get(name, {})) for name in extras]
@@ -406,8 +406,8 @@ def bench_compiled(shapes, device, repeats) -> list[dict]:
         fns = {k: fwd_bwd(f, z, q, g) for k, f in fns_by_name.items()}
         extras, fields = _ablations(z, q, g)
         fns.update(extras)
-        # the call machinery alone: the compiled callers on CALL_ROWS rows, warm and right
-        # after a pass over this shape's data (the cache state a full-size call starts in)
+        # the compiled callers on CALL_ROWS rows (their kernels cost little), warm and right
+        # after an untimed pass over this shape's data
         small = _data(min(n, CALL_ROWS), d, device)
         stream = traffic_floor(z, q, g)
         before = {}
@@ -416,7 +416,7 @@ def bench_compiled(shapes, device, repeats) -> list[dict]:
             before[call_row_name(k, after_pass=True)] = stream
         fns[INSIDE], splits = clocked_inside(fns["compiled rotvq.rotation_trick[compiled]"])
         res = interleaved(fns, device, repeats, before=before)
-        fields[INSIDE] = _split_fields(splits)
+        fields[INSIDE] = _split_fields(splits, res[INSIDE])
         ref = res["compiled textbook_ste"]
         rows += [_plain_row(n, d, k, r, ref, **fields.get(k, {})) for k, r in res.items()]
     return rows
@@ -432,12 +432,19 @@ def clocked_name(method: str) -> str:
 INSIDE = clocked_name("compiled rotvq.rotation_trick[compiled]")
 
 
-def _split_fields(splits) -> dict:
-    """``before_kernel_ms``, ``kernel_ms``, ``after_kernel_ms`` of the fastest clocked call
-    (``None`` when no call ran the CPU kernel)."""
-    fastest = min(splits, key=sum) if splits else (None, None, None)
-    return {f"{part}_ms": None if v is None else 1e3 * v
-            for part, v in zip(("before_kernel", "kernel", "after_kernel"), fastest)}
+def _split_fields(splits, result, warmup: int = 2) -> dict:
+    """``before_kernel_ms``, ``kernel_ms``, ``after_kernel_ms`` of the timed call that gave the
+    row's minimum (``result``: its entry of :func:`interleaved`, run with ``warmup`` rounds);
+    ``None`` when the calls did not run the CPU kernel.
+
+    :func:`interleaved` calls a method ``warmup`` times, then twice per round (untimed, timed),
+    so the timed calls are the splits ``warmup + 1, warmup + 3, ...`` in order of the rounds.
+    """
+    times = result["times"]
+    if len(splits) != warmup + 2 * len(times):  # not the CPU kernel (or not one kernel per call)
+        return {f"{part}_ms": None for part in ("before_kernel", "kernel", "after_kernel")}
+    fastest = splits[warmup + 1 + 2 * times.index(min(times))]
+    return {f"{part}_ms": 1e3 * v for part, v in zip(("before_kernel", "kernel", "after_kernel"), fastest)}
 
 
 def clocked_inside(run):
@@ -482,9 +489,9 @@ CALL_METHODS = ("compiled rotvq.rotation_trick[compiled]", "compiled textbook_st
 
 def call_row_name(method: str, after_pass: bool = False) -> str:
     """Name of the row of the compiled group that times ``method`` (one of
-    :data:`CALL_METHODS`) on :data:`CALL_ROWS` rows, warm or (``after_pass``) right after a
-    pass over the group's full-size data (:func:`traffic_floor`): its fixed cost per call,
-    in the cache state in which a full-size call starts."""
+    :data:`CALL_METHODS`) on :data:`CALL_ROWS` rows, where its kernel costs little: warm, or
+    (``after_pass``) right after an untimed pass over the group's full-size data
+    (:func:`traffic_floor`)."""
     return f"{method} on {CALL_ROWS} rows" + (", after a pass over the data" if after_pass else "")
 
 

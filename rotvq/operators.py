@@ -354,9 +354,16 @@ class _Plane:
         self.nq = torch.linalg.vector_norm(q, dim=-1, keepdim=True)
         self.q_zero = self.nq == 0
         self.z_degenerate = self.nz <= eps_in * self.nq
-        e1 = z / torch.where(self.nz > 0, self.nz, 1.0)
-        qh = q / torch.where(self.q_zero, 1.0, self.nq)
-        qh = torch.where(self.q_zero, e1, qh)  # q = 0: no rotation
+        # On the CPU (where asking costs no device sync) the selections below are skipped when
+        # no row needs them: the same values, bitwise, in fewer small operations (the flagged
+        # rows of the compiled backend are often a handful, where per-operation cost dominates).
+        self._cpu = z.device.type == "cpu"
+        if self._cpu and bool((self.nz > 0).all()) and bool((self.nq > 0).all()):
+            e1, qh = z / self.nz, q / self.nq
+        else:
+            e1 = z / torch.where(self.nz > 0, self.nz, 1.0)
+            qh = q / torch.where(self.q_zero, 1.0, self.nq)
+            qh = torch.where(self.q_zero, e1, qh)  # q = 0: no rotation
         w = qh - _dot(qh, e1) * e1
         w = w - _dot(w, e1) * e1  # second Gram–Schmidt pass
         s = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
@@ -365,9 +372,12 @@ class _Plane:
         c, s = c / r, s / r
         flat = s <= max(0.5 * eps_in, 16 * torch.finfo(torch.float64).eps)
         self.e1 = e1
-        self.e2 = torch.where(flat, _perpendicular(e1), w / torch.where(flat, 1.0, s))
-        self.cos = torch.where(flat, torch.sign(c) + (c == 0), c)
-        self.sin = torch.where(flat, torch.zeros_like(s), s)
+        if self._cpu and not bool(flat.any()):
+            self.e2, self.cos, self.sin = w / s, c, s
+        else:
+            self.e2 = torch.where(flat, _perpendicular(e1), w / torch.where(flat, 1.0, s))
+            self.cos = torch.where(flat, torch.sign(c) + (c == 0), c)
+            self.sin = torch.where(flat, torch.zeros_like(s), s)
 
     def rotate_transpose(self, g: torch.Tensor) -> torch.Tensor:
         """``R^T g`` for float64 ``g``."""
@@ -457,10 +467,11 @@ class _RotationFamily(JacobianSurrogate):
         """The float64 plane form on rows ``(n, d)``; returned in the dtype of ``g``."""
         plane = _Plane(z, q, eps_in)
         g64 = g.double()
-        lam = plane.nq / torch.where(plane.z_degenerate, 1.0, plane.nz)
+        degenerate = not plane._cpu or bool(plane.z_degenerate.any())  # see _Plane: skipped on the CPU if none
+        lam = plane.nq / (torch.where(plane.z_degenerate, 1.0, plane.nz) if degenerate else plane.nz)
         tg = plane.reflect(g64) if self.variant.reflect else plane.rotate_transpose(g64)
         out = self.variant.combine(lam, plane.e1, g64, tg)
-        return torch.where(plane.z_degenerate, g64, out).to(g.dtype)
+        return (torch.where(plane.z_degenerate, g64, out) if degenerate else out).to(g.dtype)
 
     def _vjp(self, g, z, q):
         if torch.compiler.is_compiling():

@@ -129,6 +129,20 @@ def test_the_custom_operator_is_the_backward(name, backend_name, restore_backend
     assert get_backend() == backend_name
 
 
+@pytest.mark.parametrize("name", list(OPERATORS))
+def test_plane_form_shortcuts_equal_the_general_path(name):
+    """On the CPU the float64 plane form skips its selections when no row of the call needs
+    them. A generic row alone takes those shortcuts; inside the degenerate batch it takes
+    every general branch: the two results are bitwise equal."""
+    z, q, g = degenerate_batch(torch.float64)
+    op = rotvq.get_surrogate(name, **OPERATORS[name])
+    eps = torch.finfo(torch.float64).eps
+    whole = op._precise(g, z, q, eps)
+    for i in [5, *range(9, 16)]:  # the generic rows
+        alone = op._precise(g[i:i + 1], z[i:i + 1], q[i:i + 1], eps)
+        assert torch.equal(alone, whole[i:i + 1]), i
+
+
 def _count_calls(table, key, monkeypatch):
     """Count the calls of the kernel ``table[key]`` from now on."""
     calls = []
