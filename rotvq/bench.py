@@ -75,8 +75,8 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 __all__ = ["SHAPES", "SEARCH_CONFIGS", "RESULTS_FILE", "FLOOR", "load_results", "run_all", "interleaved",
            "traffic_floor", "steady_allocator", "KERNEL", "FLAGGED", "backward_kernel",
-           "flagged_rows", "CALL_ROWS", "CALL_METHODS", "call_row_name", "INSIDE", "ESTIMATOR_INSIDE", "clocked_name",
-           "clocked_inside",
+           "flagged_rows", "CALL_ROWS", "CALL_METHODS", "call_row_name", "INSIDE", "ESTIMATOR_INSIDE",
+           "clocked_name", "clocked_inside",
            "saved_for_backward", "estimator_methods", "bench_estimators", "bench_compiled",
            "bench_search", "bench_layer", "fmt_table"]
 
@@ -481,9 +481,9 @@ def clocked_inside(run):
 #: The estimator group's row of the rotation trick (compiled backend) with its kernel clocked
 #: from inside.
 ESTIMATOR_INSIDE = clocked_name("rotvq.rotation_trick[compiled]")
-#: Rows on which :func:`bench_compiled` times the compiled callers' machinery alone.
+#: Rows of the small calls of :func:`bench_compiled` (see :func:`call_row_name`).
 CALL_ROWS = 64
-#: The compiled callers whose machinery :func:`bench_compiled` times alone.
+#: The compiled callers that :func:`bench_compiled` also times on :data:`CALL_ROWS` rows.
 CALL_METHODS = ("compiled rotvq.rotation_trick[compiled]", "compiled textbook_ste")
 
 

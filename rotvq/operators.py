@@ -559,9 +559,9 @@ class _RotationFamily(JacobianSurrogate):
 # The backward of the rotation family inside a compiled caller's graph: one operator that
 # torch.compile calls without tracing into (no data-dependent branch in the caller's graph)
 # and that runs the selected backend, degenerate rows included. It is defined with
-# torch.library.Library, so the dispatcher calls _rotation_family_vjp directly (measured:
-# 20 us less per call than through torch.library.custom_op's wrapper), and each variant's
-# operator is made once.
+# torch.library.Library, so the dispatcher calls _rotation_family_vjp directly (measured at
+# 64 x 256 on one thread: about 11 us less per call than through torch.library.custom_op's
+# wrapper), and each variant's operator is made once.
 _LIBRARY = torch.library.Library("rotvq", "DEF")
 _LIBRARY.define("rotation_family_vjp(Tensor g, Tensor z, Tensor q, float m, float lo, float hi, float u, "
                 "bool tangent, bool reflect) -> Tensor")
