@@ -76,7 +76,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 __all__ = ["SHAPES", "SEARCH_CONFIGS", "RESULTS_FILE", "FLOOR", "load_results", "run_all", "interleaved",
            "traffic_floor", "steady_allocator", "KERNEL", "FLAGGED", "backward_kernel",
            "flagged_rows", "CALL_ROWS", "CALL_METHODS", "call_row_name", "INSIDE", "ESTIMATOR_INSIDE",
-           "clocked_name", "clocked_inside",
+           "clocked_name", "clocked_inside", "cpu_caches",
            "saved_for_backward", "estimator_methods", "bench_estimators", "bench_compiled",
            "bench_search", "bench_layer", "fmt_table"]
 
@@ -627,9 +627,27 @@ def machine_info(device: torch.device) -> dict:
         "vector_quantize_pytorch": _package_version("vector-quantize-pytorch") if rotate_to else None,
         "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "device": str(device),
     }
+    info["caches"] = cpu_caches()
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def cpu_caches(root: str | os.PathLike = "/sys/devices/system/cpu/cpu0/cache") -> dict:
+    """The caches of the first CPU as the kernel reports them (Linux sysfs): ``{"L1d": "48K",
+    "L1i": ..., "L2": ..., "L3": ...}``, each with the CPUs that share it (``"48K, CPUs 0"``);
+    ``{}`` where sysfs has no such entries. On a virtual machine these are what the
+    hypervisor reports, which need not be what the job can use."""
+    caches = {}
+    for index in sorted(Path(root).glob("index*")):
+        try:
+            level, kind, size = ((index / f).read_text().strip() for f in ("level", "type", "size"))
+            shared = (index / "shared_cpu_list").read_text().strip()
+        except OSError:
+            continue
+        name = f"L{level}" + {"Data": "d", "Instruction": "i"}.get(kind, "")
+        caches[name] = f"{size}, CPUs {shared}"
+    return caches
 
 
 def _load() -> list[float] | None:

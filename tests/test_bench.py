@@ -150,3 +150,17 @@ def test_clocked_inside_splits_a_call_at_the_kernel(restore_backend):
     rotvq.set_backend("eager")  # no fused kernel: nothing to split
     call()
     assert len(splits) == 2
+
+
+def test_cpu_caches_reads_sysfs_entries(tmp_path):
+    for i, (level, kind, size, cpus) in enumerate([("1", "Data", "48K", "0"), ("1", "Instruction", "64K", "0"),
+                                                   ("2", "Unified", "2048K", "0"), ("3", "Unified", "32M", "0-1")]):
+        d = tmp_path / f"index{i}"
+        d.mkdir()
+        for name, value in (("level", level), ("type", kind), ("size", size), ("shared_cpu_list", cpus)):
+            (d / name).write_text(value + "\n")
+    (tmp_path / "index9").mkdir()  # incomplete entry: skipped
+    assert bench.cpu_caches(tmp_path) == {"L1d": "48K, CPUs 0", "L1i": "64K, CPUs 0", "L2": "2048K, CPUs 0",
+                                          "L3": "32M, CPUs 0-1"}
+    assert bench.cpu_caches(tmp_path / "missing") == {}
+    assert isinstance(bench.machine_info(torch.device("cpu"))["caches"], dict)
