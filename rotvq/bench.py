@@ -333,6 +333,77 @@ def flagged_rows(z, q, g):
     return (lambda: op._recompute_rows(out, rows, g, z, q)), int(rows.numel())
 
 
+def clocked_name(method: str) -> str:
+    """Name of the row that times ``method`` with its kernel clocked from inside
+    (:func:`clocked_inside`)."""
+    return f"{method}, kernel clocked inside"
+
+
+def _split_fields(splits, result, warmup: int = 2) -> dict:
+    """``before_kernel_ms``, ``kernel_ms``, ``after_kernel_ms`` of the timed call that gave the
+    row's minimum (``result``: its entry of :func:`interleaved`, run with ``warmup`` rounds);
+    ``None`` when the calls did not run the CPU kernel.
+
+    :func:`interleaved` calls a method ``warmup`` times, then twice per round (untimed, timed),
+    so the timed calls are the splits ``warmup + 1, warmup + 3, ...`` in order of the rounds.
+    """
+    times = result["times"]
+    if len(splits) != warmup + 2 * len(times):  # not the CPU kernel (or not one kernel per call)
+        return {f"{part}_ms": None for part in ("before_kernel", "kernel", "after_kernel")}
+    fastest = splits[warmup + 1 + 2 * times.index(min(times))]
+    return {f"{part}_ms": 1e3 * v for part, v in zip(("before_kernel", "kernel", "after_kernel"), fastest)}
+
+
+def clocked_inside(run):
+    """``(call, splits)``: ``call`` runs ``run`` (a forward + backward) with the compiled
+    backend's CPU kernel (``rotvq._cpu_kernel.span_rows``) clocked from inside, and appends
+    ``(before, kernel, after)`` in seconds to ``splits``: the time from the start of the
+    call to the kernel's start, in the kernel, and from its end to the end of the call.
+    Nothing is appended when the call did not run that kernel exactly once (CUDA, half
+    precision, the eager backend)."""
+    splits, marks = [], []
+    kernel = _cpu_kernel.span_rows
+
+    def clocked(*args):
+        marks.append(time.perf_counter())
+        result = kernel(*args)
+        marks.append(time.perf_counter())
+        return result
+
+    def call():
+        marks.clear()
+        _cpu_kernel.span_rows = clocked
+        try:
+            t0 = time.perf_counter()
+            run()
+            t1 = time.perf_counter()
+        finally:
+            _cpu_kernel.span_rows = kernel
+        if len(marks) == 2:
+            splits.append((marks[0] - t0, marks[1] - marks[0], t1 - marks[1]))
+
+    return call, splits
+
+
+#: The estimator group's row of the rotation trick (compiled backend) with its kernel clocked
+#: from inside.
+ESTIMATOR_INSIDE = clocked_name("rotvq.rotation_trick[compiled]")
+#: The compiled group's row of the compiled rotation trick with its kernel clocked from inside.
+INSIDE = clocked_name("compiled rotvq.rotation_trick[compiled]")
+#: Rows of the small calls of :func:`bench_compiled` (see :func:`call_row_name`).
+CALL_ROWS = 64
+#: The compiled callers that :func:`bench_compiled` also times on :data:`CALL_ROWS` rows.
+CALL_METHODS = ("compiled rotvq.rotation_trick[compiled]", "compiled textbook_ste")
+
+
+def call_row_name(method: str, after_pass: bool = False) -> str:
+    """Name of the row of the compiled group that times ``method`` (one of
+    :data:`CALL_METHODS`) on :data:`CALL_ROWS` rows, where its kernel costs little: warm, or
+    (``after_pass``) right after an untimed pass over the group's full-size data
+    (:func:`traffic_floor`)."""
+    return f"{method} on {CALL_ROWS} rows" + (", after a pass over the data" if after_pass else "")
+
+
 def _ablations(z, q, g) -> tuple[dict, dict]:
     """The rows of an estimator group that are not estimators (floor, kernel alone, flagged
     rows alone) and, per row name, extra fields for its table row."""
@@ -420,79 +491,6 @@ def bench_compiled(shapes, device, repeats) -> list[dict]:
         ref = res["compiled textbook_ste"]
         rows += [_plain_row(n, d, k, r, ref, **fields.get(k, {})) for k, r in res.items()]
     return rows
-
-
-def clocked_name(method: str) -> str:
-    """Name of the row that times ``method`` with its kernel clocked from inside
-    (:func:`clocked_inside`)."""
-    return f"{method}, kernel clocked inside"
-
-
-#: The compiled group's row of the compiled rotation trick with its kernel clocked from inside.
-INSIDE = clocked_name("compiled rotvq.rotation_trick[compiled]")
-
-
-def _split_fields(splits, result, warmup: int = 2) -> dict:
-    """``before_kernel_ms``, ``kernel_ms``, ``after_kernel_ms`` of the timed call that gave the
-    row's minimum (``result``: its entry of :func:`interleaved`, run with ``warmup`` rounds);
-    ``None`` when the calls did not run the CPU kernel.
-
-    :func:`interleaved` calls a method ``warmup`` times, then twice per round (untimed, timed),
-    so the timed calls are the splits ``warmup + 1, warmup + 3, ...`` in order of the rounds.
-    """
-    times = result["times"]
-    if len(splits) != warmup + 2 * len(times):  # not the CPU kernel (or not one kernel per call)
-        return {f"{part}_ms": None for part in ("before_kernel", "kernel", "after_kernel")}
-    fastest = splits[warmup + 1 + 2 * times.index(min(times))]
-    return {f"{part}_ms": 1e3 * v for part, v in zip(("before_kernel", "kernel", "after_kernel"), fastest)}
-
-
-def clocked_inside(run):
-    """``(call, splits)``: ``call`` runs ``run`` (a forward + backward) with the compiled
-    backend's CPU kernel (``rotvq._cpu_kernel.span_rows``) clocked from inside, and appends
-    ``(before, kernel, after)`` in seconds to ``splits``: the time from the start of the
-    call to the kernel's start, in the kernel, and from its end to the end of the call.
-    Nothing is appended when the call did not run that kernel exactly once (CUDA, half
-    precision, the eager backend)."""
-    splits, marks = [], []
-    kernel = _cpu_kernel.span_rows
-
-    def clocked(*args):
-        marks.append(time.perf_counter())
-        result = kernel(*args)
-        marks.append(time.perf_counter())
-        return result
-
-    def call():
-        marks.clear()
-        _cpu_kernel.span_rows = clocked
-        try:
-            t0 = time.perf_counter()
-            run()
-            t1 = time.perf_counter()
-        finally:
-            _cpu_kernel.span_rows = kernel
-        if len(marks) == 2:
-            splits.append((marks[0] - t0, marks[1] - marks[0], t1 - marks[1]))
-
-    return call, splits
-
-
-#: The estimator group's row of the rotation trick (compiled backend) with its kernel clocked
-#: from inside.
-ESTIMATOR_INSIDE = clocked_name("rotvq.rotation_trick[compiled]")
-#: Rows of the small calls of :func:`bench_compiled` (see :func:`call_row_name`).
-CALL_ROWS = 64
-#: The compiled callers that :func:`bench_compiled` also times on :data:`CALL_ROWS` rows.
-CALL_METHODS = ("compiled rotvq.rotation_trick[compiled]", "compiled textbook_ste")
-
-
-def call_row_name(method: str, after_pass: bool = False) -> str:
-    """Name of the row of the compiled group that times ``method`` (one of
-    :data:`CALL_METHODS`) on :data:`CALL_ROWS` rows, where its kernel costs little: warm, or
-    (``after_pass``) right after an untimed pass over the group's full-size data
-    (:func:`traffic_floor`)."""
-    return f"{method} on {CALL_ROWS} rows" + (", after a pass over the data" if after_pass else "")
 
 
 # ------------------------------------------------------------------------------------

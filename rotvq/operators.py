@@ -489,10 +489,9 @@ class _RotationFamily(JacobianSurrogate):
                 out, bad = result
                 self._recompute_rows(out, bad, g2, z2, q2)
                 return out.reshape(z.shape) if flat else out
-        lead = z.shape[:-1]
         cd, eps_in = compute_dtype(z.dtype), input_eps(z.dtype)
         out = self.apply_transpose(g2.to(cd), z2.to(cd), q2.to(cd), eps_in=eps_in)
-        return out.to(g.dtype).reshape(*lead, d)
+        return out.to(g.dtype).reshape(z.shape)
 
     def _recompute_rows(self, out, rows, g, z, q):
         """Overwrite ``out[rows]`` (the rows :func:`fused_span` flagged) with the float64
@@ -570,13 +569,14 @@ _FAMILY: dict = {}  # Variant fields -> the operator that evaluates them
 
 def _rotation_family_vjp(g: torch.Tensor, z: torch.Tensor, q: torch.Tensor, m: float, lo: float, hi: float,
                          u: float, tangent: bool, reflect: bool) -> torch.Tensor:
-    """``G^T g`` of the variant with these fields (``torch.ops.rotvq.rotation_family_vjp``)."""
+    """``G^T g`` of the variant with these fields (``torch.ops.rotvq.rotation_family_vjp``),
+    validated like :meth:`JacobianSurrogate.vjp` (the operator can be called directly)."""
     key = (m, lo, hi, u, tangent, reflect)
     op = _FAMILY.get(key)
     if op is None:
         op = _FAMILY[key] = _RotationFamily()
         op._variant = Variant(*key)
-    return op._vjp(g, z, q)
+    return op.vjp(g, z, q)
 
 
 _LIBRARY.impl("rotation_family_vjp", _rotation_family_vjp, "CompositeExplicitAutograd")

@@ -6,6 +6,7 @@ module checks what is specific to the choice of backend.
 """
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -127,6 +128,20 @@ def test_the_custom_operator_is_the_backward(name, backend_name, restore_backend
                                    test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
     assert set(result.values()) == {"SUCCESS"}, result
     assert get_backend() == backend_name
+
+
+def test_the_custom_operator_rejects_mismatched_inputs(restore_backend):
+    """Called directly, the operator validates its tensors before any kernel reads them."""
+    set_backend("compiled")
+    z, q, g = (torch.randn(8, 5) for _ in range(3))
+    fields = (1.0, 0.0, math.inf, 0.0, False, False)
+    vjp = torch.ops.rotvq.rotation_family_vjp
+    with pytest.raises(ValueError, match="g and z must have the same shape"):
+        vjp(g[:4], z, q, *fields)
+    with pytest.raises(ValueError, match="z and q must have the same shape"):
+        vjp(g, z, q[:, :3], *fields)
+    with pytest.raises(TypeError, match="same dtype"):
+        vjp(g, z, q.double(), *fields)
 
 
 @pytest.mark.parametrize("name", list(OPERATORS))
