@@ -30,7 +30,8 @@ Groups (forward + backward of ``z_q`` with a fixed upstream gradient ``g``):
   and for ``rotvq.ste`` (the compiled caller's own cost), with the same floor and steps,
   and the compiled rotation trick and textbook STE on :data:`CALL_ROWS` rows, warm and
   right after an untimed pass over the full-size data (:func:`call_row_name`), where the
-  kernels cost little; and the compiled rotation
+  kernels cost little; the compiled textbook STE's forward alone (:data:`STE_FORWARD`) and
+  the number of kernels inductor generates for it (:func:`generated_kernels`); and the compiled rotation
   trick with its kernel clocked from inside the call (:func:`clocked_inside`: the time
   before, in and after the kernel, fields ``before_kernel_ms``, ``kernel_ms``,
   ``after_kernel_ms`` of the timed call that gave the row's minimum);
@@ -48,6 +49,7 @@ import ctypes
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -76,7 +78,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 __all__ = ["SHAPES", "SEARCH_CONFIGS", "RESULTS_FILE", "FLOOR", "load_results", "run_all", "interleaved",
            "traffic_floor", "steady_allocator", "KERNEL", "FLAGGED", "backward_kernel",
            "flagged_rows", "CALL_ROWS", "CALL_METHODS", "call_row_name", "INSIDE", "ESTIMATOR_INSIDE",
-           "clocked_name", "clocked_inside", "cpu_caches",
+           "clocked_name", "clocked_inside", "cpu_caches", "STE_FORWARD", "generated_kernels",
            "saved_for_backward", "estimator_methods", "bench_estimators", "bench_compiled",
            "bench_search", "bench_layer", "fmt_table"]
 
@@ -385,6 +387,31 @@ def clocked_inside(run):
     return call, splits
 
 
+#: The compiled group's row of the compiled textbook STE's forward alone (detached ``z``, no
+#: autograd): its one kernel and the compiled call, the counterpart of :data:`KERNEL`.
+STE_FORWARD = "compiled textbook_ste, forward alone (no autograd)"
+# A kernel that inductor's generated module defines (C++ on the CPU, Triton on CUDA).
+_KERNEL_DEF = re.compile(r"^\w+ = async_compile\.(?:cpp_pybinding|cpp|triton)\(", re.M)
+
+
+def generated_kernels(run) -> int:
+    """Number of kernels inductor generates while ``run()`` calls compiled functions (each
+    compiled anew for this count; forward and backward if ``run`` runs both). The compiled
+    textbook STE generates one: a single pass over ``z`` and ``q``."""
+    from torch._inductor.utils import run_and_get_code  # private API, as in PyTorch's own tests
+
+    _, codes = run_and_get_code(run)
+    return sum(len(_KERNEL_DEF.findall(code)) for code in codes)
+
+
+def _no_grad(fn, *args):
+    def run():
+        with torch.no_grad():
+            return fn(*args)
+
+    return run
+
+
 #: The estimator group's row of the rotation trick (compiled backend) with its kernel clocked
 #: from inside.
 ESTIMATOR_INSIDE = clocked_name("rotvq.rotation_trick[compiled]")
@@ -460,9 +487,11 @@ def bench_estimators(shapes, device, repeats, dense_elements=2**20, memory=True)
 def bench_compiled(shapes, device, repeats) -> list[dict]:
     """``torch.compile(fullgraph=True)`` of the textbook STE against the rotation trick.
 
-    The compiled textbook STE is one pass (reads ``z``, ``q``, writes ``z_q``) and its
-    backward passes ``g`` on: its traffic is three ``(N, d)`` tensors, below the four of
-    any backward that reads ``z``, ``q`` and ``g`` (the :func:`traffic_floor` row)."""
+    The compiled textbook STE is one pass (reads ``z``, ``q``, writes ``z_q``; the row of
+    the reference stores ``generated_kernels``, :func:`generated_kernels`) and its backward
+    passes ``g`` on: its traffic is three ``(N, d)`` tensors, below the four of any backward
+    that reads ``z``, ``q`` and ``g`` (the :func:`traffic_floor` row). :data:`STE_FORWARD`
+    times that pass without autograd, beside the rotation trick's kernel alone."""
     rotation = torch.compile(rotvq.rotation_trick, fullgraph=True, dynamic=True)
     fns_by_name = {
         "compiled textbook_ste": torch.compile(textbook_ste, fullgraph=True, dynamic=True),
@@ -486,6 +515,8 @@ def bench_compiled(shapes, device, repeats) -> list[dict]:
             fns[call_row_name(k)] = fns[call_row_name(k, after_pass=True)] = fwd_bwd(fns_by_name[k], *small)
             before[call_row_name(k, after_pass=True)] = stream
         fns[INSIDE], splits = clocked_inside(fns["compiled rotvq.rotation_trick[compiled]"])
+        fns[STE_FORWARD] = _no_grad(fns_by_name["compiled textbook_ste"], z.detach(), q)
+        fields["compiled textbook_ste"] = {"generated_kernels": generated_kernels(fns["compiled textbook_ste"])}
         res = interleaved(fns, device, repeats, before=before)
         fields[INSIDE] = _split_fields(splits, res[INSIDE])
         ref = res["compiled textbook_ste"]

@@ -129,6 +129,20 @@ def test_compiled_group_times_the_call_machinery_alone(restore_backend):
     parts = [inside[f"{p}_ms"] for p in ("before_kernel", "kernel", "after_kernel")]
     assert all(p > 0 for p in parts)
     assert 0.9 * inside["min_ms"] <= sum(parts) <= inside["min_ms"]  # the parts of the timed call that gave the minimum
+    assert bench.STE_FORWARD in methods  # the textbook STE's pass without autograd, beside the kernel alone
+    assert rows[0]["generated_kernels"] == 1  # the compiled textbook STE is one pass
+
+
+def test_generated_kernels_counts_inductors_kernels():
+    """One fused pass for the textbook STE (forward and backward), none for a view."""
+    z = torch.randn(8, 4, requires_grad=True)
+    q, g = torch.randn(8, 4), torch.randn(8, 4)
+    ste = torch.compile(bench.textbook_ste, fullgraph=True)
+    assert bench.generated_kernels(lambda: torch.autograd.grad(ste(z, q), z, g)) == 1
+    sin = torch.compile(lambda x: x.sin() * 2, fullgraph=True)
+    assert bench.generated_kernels(lambda: (sin(q), ste(z, q))) == 2  # counted over both compiled modules
+    view = torch.compile(lambda x: x.view(-1), fullgraph=True)
+    assert bench.generated_kernels(lambda: view(q)) == 0
 
 
 def test_split_fields_picks_the_timed_call_of_the_minimum():
