@@ -31,7 +31,8 @@ Groups (forward + backward of ``z_q`` with a fixed upstream gradient ``g``):
   and the compiled rotation trick and textbook STE on :data:`CALL_ROWS` rows, warm and
   right after an untimed pass over the full-size data (:func:`call_row_name`), where the
   kernels cost little; the compiled textbook STE's forward alone (:data:`STE_FORWARD`) and
-  the number of kernels inductor generates for it (:func:`generated_kernels`); and the compiled rotation
+  the number of kernels inductor generates for it (:func:`generated_kernels`); a compiled
+  caller whose backward is the kernel alone (:func:`kernel_only_caller`); and the compiled rotation
   trick with its kernel clocked from inside the call (:func:`clocked_inside`: the time
   before, in and after the kernel, fields ``before_kernel_ms``, ``kernel_ms``,
   ``after_kernel_ms`` of the timed call that gave the row's minimum);
@@ -79,6 +80,7 @@ __all__ = ["SHAPES", "SEARCH_CONFIGS", "RESULTS_FILE", "FLOOR", "load_results", 
            "traffic_floor", "steady_allocator", "KERNEL", "FLAGGED", "backward_kernel",
            "flagged_rows", "CALL_ROWS", "CALL_METHODS", "call_row_name", "INSIDE", "ESTIMATOR_INSIDE",
            "clocked_name", "clocked_inside", "cpu_caches", "STE_FORWARD", "generated_kernels",
+           "KERNEL_ONLY", "kernel_only_caller",
            "saved_for_backward", "estimator_methods", "bench_estimators", "bench_compiled",
            "bench_search", "bench_layer", "fmt_table"]
 
@@ -404,6 +406,46 @@ def generated_kernels(run) -> int:
     return sum(len(_KERNEL_DEF.findall(code)) for code in codes)
 
 
+#: The compiled group's row of a compiled caller whose backward is only the kernel
+#: (:func:`kernel_only_caller`), on the CPU.
+KERNEL_ONLY = "compiled caller of the kernel alone (no rotvq code around it)"
+_KERNEL_ONLY: dict = {}
+
+
+class _KernelOnly(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, q):
+        ctx.save_for_backward(z, q)
+        return q
+
+    @staticmethod
+    def backward(ctx, g):
+        z, q = ctx.saved_tensors
+        return torch.ops.rotvq_bench.kernel_only(g, z, q), None
+
+
+def kernel_only_caller():
+    """A compiled ``fn(z, q)`` (``fullgraph=True``) whose forward returns ``q`` and whose
+    backward is one custom operator, ``torch.ops.rotvq_bench.kernel_only``, that makes the
+    same call as :func:`backward_kernel` (the rotation trick's CPU kernel and its output
+    allocation) and nothing else: no validation, no choice of backend, no recomputation of
+    the rows the kernel flags. Timed beside ``compiled rotvq.rotation_trick[compiled]``, it
+    shows how much of that call is rotvq's own code around the kernel. Float32 and float64
+    on the CPU; the operator is defined on the first call."""
+    if not _KERNEL_ONLY:
+        lib = torch.library.Library("rotvq_bench", "DEF")
+        lib.define("kernel_only(Tensor g, Tensor z, Tensor q) -> Tensor")
+        variant = rotvq.Rotation().variant
+
+        def kernel_only(g, z, q):
+            return fused_span(g, z, q, variant)[0]
+
+        lib.impl("kernel_only", kernel_only, "CompositeExplicitAutograd")
+        torch.library.register_fake("rotvq_bench::kernel_only", lambda g, z, q: torch.empty_like(g), lib=lib)
+        _KERNEL_ONLY.update(lib=lib, fn=torch.compile(_KernelOnly.apply, fullgraph=True, dynamic=True))
+    return _KERNEL_ONLY["fn"]
+
+
 def _no_grad(fn, *args):
     def run():
         with torch.no_grad():
@@ -517,6 +559,8 @@ def bench_compiled(shapes, device, repeats) -> list[dict]:
         fns[INSIDE], splits = clocked_inside(fns["compiled rotvq.rotation_trick[compiled]"])
         fns[STE_FORWARD] = _no_grad(fns_by_name["compiled textbook_ste"], z.detach(), q)
         fields["compiled textbook_ste"] = {"generated_kernels": generated_kernels(fns["compiled textbook_ste"])}
+        if device.type == "cpu" and fused_span(g, z.detach(), q, rotvq.Rotation().variant) is not None:
+            fns[KERNEL_ONLY] = fwd_bwd(kernel_only_caller(), z, q, g)  # the C++ kernel built: time it bare
         res = interleaved(fns, device, repeats, before=before)
         fields[INSIDE] = _split_fields(splits, res[INSIDE])
         ref = res["compiled textbook_ste"]

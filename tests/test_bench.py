@@ -131,6 +131,24 @@ def test_compiled_group_times_the_call_machinery_alone(restore_backend):
     assert 0.9 * inside["min_ms"] <= sum(parts) <= inside["min_ms"]  # the parts of the timed call that gave the minimum
     assert bench.STE_FORWARD in methods  # the textbook STE's pass without autograd, beside the kernel alone
     assert rows[0]["generated_kernels"] == 1  # the compiled textbook STE is one pass
+    assert bench.KERNEL_ONLY in methods
+
+
+def test_kernel_only_caller_runs_the_compiled_backends_kernel(restore_backend):
+    """Its gradient is the kernel's output: the compiled backend's gradient on every row the
+    kernel does not flag (it recomputes none)."""
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(512, 16, generator=gen).requires_grad_(True)
+    q, g = torch.randn(512, 16, generator=gen), torch.randn(512, 16, generator=gen)
+    rotvq.set_backend("compiled")
+    out, flagged = rotvq.operators.fused_span(g, z.detach(), q, rotvq.Rotation().variant)
+    assert flagged.numel() > 0  # at d = 16 some random pairs are beyond 120 degrees
+    got = torch.autograd.grad(bench.kernel_only_caller()(z, q), z, g)[0]
+    want = torch.autograd.grad(rotvq.rotation_trick(z, q), z, g)[0]
+    assert torch.equal(got, out)
+    keep = torch.ones(512, dtype=torch.bool)
+    keep[flagged] = False
+    assert torch.equal(got[keep], want[keep]) and not torch.equal(got[~keep], want[~keep])
 
 
 def test_generated_kernels_counts_inductors_kernels():
