@@ -399,7 +399,11 @@ _KERNEL_DEF = re.compile(r"^\w+ = async_compile\.(?:cpp_pybinding|cpp|triton)\("
 def generated_kernels(run) -> int:
     """Number of kernels inductor generates while ``run()`` calls compiled functions (each
     compiled anew for this count; forward and backward if ``run`` runs both). The compiled
-    textbook STE generates one: a single pass over ``z`` and ``q``."""
+    textbook STE generates one: a single pass over ``z`` and ``q``.
+
+    ``torch._inductor.utils.run_and_get_code`` first resets ``torch.compile``'s caches
+    (``torch._dynamo.reset()``): every compiled function recompiles on its next call, so
+    call this before a timing's warm-up rounds, as :func:`bench_compiled` does."""
     from torch._inductor.utils import run_and_get_code  # private API, as in PyTorch's own tests
 
     _, codes = run_and_get_code(run)
@@ -558,7 +562,8 @@ def bench_compiled(shapes, device, repeats) -> list[dict]:
             before[call_row_name(k, after_pass=True)] = stream
         fns[INSIDE], splits = clocked_inside(fns["compiled rotvq.rotation_trick[compiled]"])
         fns[STE_FORWARD] = _no_grad(fns_by_name["compiled textbook_ste"], z.detach(), q)
-        fields["compiled textbook_ste"] = {"generated_kernels": generated_kernels(fns["compiled textbook_ste"])}
+        for k in ("compiled textbook_ste", STE_FORWARD):  # its training graph, and the inference graph
+            fields[k] = {"generated_kernels": generated_kernels(fns[k])}
         if device.type == "cpu" and fused_span(g, z.detach(), q, rotvq.Rotation().variant) is not None:
             fns[KERNEL_ONLY] = fwd_bwd(kernel_only_caller(), z, q, g)  # the C++ kernel built: time it bare
         res = interleaved(fns, device, repeats, before=before)
