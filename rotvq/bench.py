@@ -562,7 +562,7 @@ def bench_compiled(shapes, device, repeats) -> list[dict]:
             before[call_row_name(k, after_pass=True)] = stream
         fns[INSIDE], splits = clocked_inside(fns["compiled rotvq.rotation_trick[compiled]"])
         fns[STE_FORWARD] = _no_grad(fns_by_name["compiled textbook_ste"], z.detach(), q)
-        for k in ("compiled textbook_ste", STE_FORWARD):  # its training graph, and the inference graph
+        for k in ("compiled textbook_ste", STE_FORWARD, "compiled rotvq.ste"):  # one, one, none
             fields[k] = {"generated_kernels": generated_kernels(fns[k])}
         if device.type == "cpu" and fused_span(g, z.detach(), q, rotvq.Rotation().variant) is not None:
             fns[KERNEL_ONLY] = fwd_bwd(kernel_only_caller(), z, q, g)  # the C++ kernel built: time it bare

@@ -132,6 +132,8 @@ def test_compiled_group_times_the_call_machinery_alone(restore_backend):
     assert bench.STE_FORWARD in methods  # the textbook STE's pass without autograd, beside the kernel alone
     forward = next(r for r in rows if r["method"] == bench.STE_FORWARD)
     assert rows[0]["generated_kernels"] == forward["generated_kernels"] == 1  # the compiled textbook STE is one pass
+    caller = next(r for r in rows if r["method"] == "compiled rotvq.ste")
+    assert caller["generated_kernels"] == 0  # rotvq's STE: the compiled call alone, no kernel
     assert bench.KERNEL_ONLY in methods
 
 
