@@ -76,7 +76,7 @@ try:  # optional benchmark extra: pip install rotvq[bench]
 except ImportError:  # pragma: no cover - depends on the environment
     VectorQuantize = rotate_to = None
 
-__all__ = ["SHAPES", "SEARCH_CONFIGS", "RESULTS_FILE", "FLOOR", "load_results", "run_all", "interleaved",
+__all__ = ["SHAPES", "SEARCH_CONFIGS", "RESULTS_FILE", "FLOOR", "GROUPS", "load_results", "run_all", "interleaved",
            "traffic_floor", "steady_allocator", "KERNEL", "FLAGGED", "backward_kernel",
            "flagged_rows", "CALL_ROWS", "CALL_METHODS", "call_row_name", "INSIDE", "ESTIMATOR_INSIDE",
            "clocked_name", "clocked_inside", "cpu_caches", "STE_FORWARD", "generated_kernels",
@@ -732,13 +732,23 @@ def _load() -> list[float] | None:
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
+#: The groups of :func:`run_all`, in the order they run.
+GROUPS = ("estimators", "compiled", "sweep", "search", "layer")
+
+
 def run_all(device: torch.device, threads: list[int], quick: bool = False, repeats: int | None = None,
-            log=print, keep_freed_memory: bool = True) -> dict:
+            log=print, keep_freed_memory: bool = True, groups=None) -> dict:
     """Every group at every thread count; returns the results (see the module docstring).
 
     ``keep_freed_memory``: call :func:`steady_allocator` first (recorded as
     ``results["machine"]["allocator"]``; it stays in effect for the rest of the process).
+    ``groups``: the names from :data:`GROUPS` to run (one name or several; they run in the
+    order of :data:`GROUPS`); ``None`` runs them all. Each run of ``results["runs"]`` holds
+    only the groups run.
     """
+    groups = GROUPS if groups is None else (groups,) if isinstance(groups, str) else tuple(groups)
+    if not groups or any(g not in GROUPS for g in groups):
+        raise ValueError(f"groups must be names from {GROUPS} (at least one); got {groups!r}")
     allocator = steady_allocator() if keep_freed_memory and device.type == "cpu" else "unchanged"
     reps = repeats or (5 if quick else 15)
     shapes = [(n // 8, d) for n, d in SHAPES] if quick else SHAPES
@@ -751,14 +761,14 @@ def run_all(device: torch.device, threads: list[int], quick: bool = False, repea
     for t in threads:
         torch.set_num_threads(t)
         run: dict = {"threads": t, "load": {}}
-        groups = [
-            ("estimators", lambda: bench_estimators(shapes, device, reps)),
-            ("compiled", lambda: bench_compiled(shapes, device, reps)),
-            ("sweep", lambda: bench_estimators(sweep, device, max(3, reps // 3), memory=False)),
-            ("search", lambda: bench_search(configs, device, max(3, reps // 3), t)),
-            ("layer", lambda: bench_layer(configs, device, max(3, reps // 3), vqp_configs=configs[:1])),
-        ]
-        for name, fn in groups:
+        chosen = {
+            "estimators": lambda: bench_estimators(shapes, device, reps),
+            "compiled": lambda: bench_compiled(shapes, device, reps),
+            "sweep": lambda: bench_estimators(sweep, device, max(3, reps // 3), memory=False),
+            "search": lambda: bench_search(configs, device, max(3, reps // 3), t),
+            "layer": lambda: bench_layer(configs, device, max(3, reps // 3), vqp_configs=configs[:1]),
+        }
+        for name, fn in ((g, chosen[g]) for g in GROUPS if g in groups):
             before = _load()
             t0 = time.perf_counter()
             run[name] = fn()

@@ -413,7 +413,8 @@ def _global_mean(values: dict[str, float], world_size: int, device: torch.device
 
 
 def train(model: torch.nn.Module, data, config: TrainConfig | None = None, *,
-          progress: bool | None = None) -> History:
+          progress: bool | None = None,
+          callback: typing.Callable[[int, torch.nn.Module], None] | None = None) -> History:
     """Train ``model`` in place with the optimisation settings of ``config``.
 
     In a data-parallel run (a :mod:`torch.distributed` process group is initialised) every
@@ -429,6 +430,13 @@ def train(model: torch.nn.Module, data, config: TrainConfig | None = None, *,
         progress: ``True``/``False`` forces the progress bar (stderr) on/off; ``None``
             shows it only if stderr is a terminal and ``config.steps >=``
             :data:`AUTO_PROGRESS_STEPS`.
+        callback: called as ``callback(done, model)`` after each optimizer step, with
+            ``done`` the number of steps taken so far (1 .. ``config.steps``), for example
+            to evaluate at intermediate points (:mod:`rotvq.lab.study`).  It runs outside
+            the global random state the loop uses, so a callback that draws random
+            numbers cannot change the run; one that changes the model or its mode must
+            restore them (:func:`evaluate` does).  Because the learning rate is constant,
+            the model after ``s`` steps of a long run is the model of an ``s``-step run.
 
     Returns:
         A :class:`History` with one entry per step, named by :data:`METRICS`.
@@ -473,6 +481,9 @@ def train(model: torch.nn.Module, data, config: TrainConfig | None = None, *,
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             history.append(step, values)
+            if callback is not None:
+                with torch.random.fork_rng(devices=cuda):
+                    callback(step + 1, model)
             bar.update(1)
             if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
                 bar.set_postfix({k: f"{values[k]:.4g}" for k in
