@@ -181,10 +181,10 @@ def _scaling_digits() -> list[Run]:
 
 def _scaling_patches() -> list[Run]:
     """The convolutional VQ-VAE on the embedded 8x8 RGB patches at d = 8, 32, 128 with
-    K = 512 (180 runs of 1,500 steps)."""
-    base = dict(model="conv", hidden=128, downsamples=1, codebook_size=512, steps=1500,
+    K = 512 (180 runs of 1,000 steps)."""
+    base = dict(model="conv", hidden=128, downsamples=1, codebook_size=512, steps=1000,
                 batch_size=128, lr=1e-3, beta=1.0)
-    evals, seeds = (100, 250, 750, 1500), range(3)
+    evals, seeds = (100, 250, 500, 1000), range(3)
     runs = []
     for d in (8, 32, 128):
         runs += _grid("patches", {**base, "latent_dim": d}, evals, ("small", "kmeans", "layer"),
