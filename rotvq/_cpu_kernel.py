@@ -1,6 +1,6 @@
 r"""The compiled backend's kernel for float32 and float64 tensors on the CPU.
 
-The span form ``G^T g = α g + β z + γ q`` (:eq:`rot-span` of :ref:`ch-rotation`) written
+The span form ``G^T g = c_g g + c_z z + c_q q`` (:eq:`rot-span` of :ref:`ch-rotation`) written
 as one loop over the rows in C++, compiled and cached by inductor's C++ toolchain
 (``torch._inductor.codecache``: the compiler, flags, SIMD instruction set and on-disk
 cache that ``torch.compile`` uses for its own CPU kernels). For each row it reads ``z``,

@@ -4,7 +4,7 @@ Two backends compute the same ``G^T g`` (:mod:`rotvq.operators`):
 
 * ``"eager"`` (the default): PyTorch operations, on CPU in cache-sized chunks of rows
   (about eleven elementwise operations per chunk).
-* ``"compiled"``: the span form ``G^T g = α g + β z + γ q`` of :eq:`bench-span` in
+* ``"compiled"``: the span form ``G^T g = c_g g + c_z z + c_q q`` of :eq:`bench-span` in
   :ref:`ch-benchmarks` runs as one fused kernel: one read of ``z``, ``q`` and ``g`` and
   one write (four tensors of traffic; the textbook straight-through estimator's forward
   and backward move six). For float32 and float64 tensors on the CPU the kernel is a

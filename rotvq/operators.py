@@ -504,7 +504,7 @@ class _RotationFamily(JacobianSurrogate):
         """``G^T g`` in the eager backend; ``eps_in`` is the machine epsilon of the
         caller's dtype (default: of ``z``).
 
-        Fast path, row by row: ``G^T g = α g + β z + γ q`` with per-row scalars built
+        Fast path, row by row: ``G^T g = c_g g + c_z z + c_q q`` with per-row scalars built
         from five inner products (``|z|``, ``|q|``, ``z·q``, ``z·g``, ``q·g``), since
         ``G^T g`` lies in ``span{g, z, q}``. On CPU the rows are processed in chunks of
         ``_CPU_CHUNK_ELEMENTS`` entries per thread so that the passes over one chunk run in

@@ -26,7 +26,7 @@ Example::
 
     >>> from sympy import symbols
     >>> z, q = symbols("z q", real=True)
-    >>> zq = z + sg(q - z)                 # straight-through estimator (Bengio et al. 2013)
+    >>> zq = z + sg(q - z)  # straight-through estimator (Bengio et al. 2013)
     >>> forward(zq), zq.diff(z)
     (q, 1)
 """

@@ -116,3 +116,52 @@ def test_execute_notebook_records_wall_time(tmp_path):
     assert ext.runtime_substitutions(tmp_path / "_timings.json")["runtime_ste"] == "20 s"
     with pytest.raises(ValueError, match="non-negative"):
         tool.record_timing(chapter, -1.0)
+
+
+def test_config_renders_markdown_outputs_as_myst_and_loads_the_book_extensions():
+    """A display(Markdown(pipe_table)) output becomes a table (MyST, not CommonMark), and the
+    exercise and proof directives the chapters use are available."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "_config.yml").read_text(encoding="utf-8"))
+    assert config["sphinx"]["config"]["nb_render_markdown_format"] == "myst"
+    assert {"sphinx_exercise", "sphinx_proof"} <= set(config["sphinx"]["extra_extensions"])
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    book_extra = pyproject.split("book = [", 1)[1].split("]", 1)[0]
+    assert "sphinx-exercise" in book_extra and "sphinx-proof" in book_extra
+
+
+def test_claim_substitutions_follow_the_registry():
+    """{{ claim_<id> }} and {{ verdict_<id> }}: the registry's text and verdict, with a link
+    to the claim's part of the audit page; every one a chapter uses exists."""
+    import re
+
+    subs = ext.claim_substitutions(ROOT)
+    spec = importlib.util.spec_from_file_location("claims_tool", ROOT / "tools" / "claims.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    claims = tool.load()
+    labels = tool.book_labels()
+    for c in claims:
+        key = c["id"].replace("-", "_")
+        assert subs[f"claim_{key}"] == " ".join(c["claim"].split())
+        verdict = subs[f"verdict_{key}"]
+        assert f"**{c['verdict']}**" in verdict and f"`{c['id']}`" in verdict
+        assert f"<{tool.part_label(tool.chapter_of(c, labels))}>`" in verdict
+    used = set()
+    for page in (ROOT / "book").glob("*.ipynb"):
+        used |= set(re.findall(r"\{\{\s*((?:claim|verdict)_\w+)\s*\}\}", page.read_text(encoding="utf-8")))
+    assert used, "no chapter shows a statement of the source with its verdict"
+    assert used <= set(subs), f"unknown claim substitutions: {sorted(used - set(subs))}"
+
+
+def test_letter_numbers_renumbers_each_type_from_one():
+    numbers = {"displaymath": {"eq-b": (7,), "eq-a": (6,)}, "figure": {"fig": (3,)}}
+    assert ext.letter_numbers(numbers, "A") == {
+        "displaymath": {"eq-a": ("A", 1), "eq-b": ("A", 2)}, "figure": {"fig": ("A", 1)}}
+    toc = (ROOT / "_toc.yml").read_text(encoding="utf-8")
+    for docname, letter in ext.APPENDICES.items():
+        assert f"file: {docname}" in toc
+        page = ROOT / f"{docname}.md"
+        page = page if page.is_file() else page.with_suffix(".ipynb")
+        assert f"Appendix {letter}:" in page.read_text(encoding="utf-8"), page.name

@@ -12,7 +12,15 @@ included), the test fails on:
 * an image that does not load (``naturalWidth == 0`` after loading);
 * an internal link to a missing file or to a missing ``#anchor``;
 * a ``<title>`` that shows TeX source;
-* a visible code block wider than its box (a reader would have to scroll sideways);
+* Markdown table syntax left in the rendered text outside code (a delimiter row such as
+  ``| --- |``, or ``|—|`` once smart quotes made the dashes an em dash): a table that was
+  rendered as a paragraph of pipes instead of a table;
+* a display equation wider than its column (MathJax's display container scrolls
+  sideways: break the equation, e.g. with ``aligned``);
+* a code block wider than its box (a reader would have to scroll sideways), input or
+  output, including the code behind a "show" toggle (every ``<details>`` is opened first);
+* a code line that wraps: code keeps its line structure (no CSS wrapping), so a line too
+  long for the column is caught by the previous check instead of being folded to column 0;
 * a request to the network (the book must read offline).
 
 A screenshot of the top of each page is written to ``_build/screenshots/<page>.png``.
@@ -98,7 +106,8 @@ class Browser:
         "--remote-debugging-pipe",
     )
 
-    def __init__(self, binary: str, width: int = 1400, height: int = 1800):
+    def __init__(self, binary: str, width: int = 1280, height: int = 1800):
+        self.width = width
         self.profile = tempfile.mkdtemp(prefix="rotvq-chromium-")
         to_browser_r, self._to_browser = os.pipe()
         self._from_browser, from_browser_w = os.pipe()
@@ -189,7 +198,7 @@ class Browser:
         height = min(max_height, int(self.evaluate("document.documentElement.scrollHeight")))
         data = self.call("Page.captureScreenshot", session=True, format="png",
                          captureBeyondViewport=True,
-                         clip={"x": 0, "y": 0, "width": 1400, "height": height, "scale": 1})["data"]
+                         clip={"x": 0, "y": 0, "width": self.width, "height": height, "scale": 1})["data"]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(base64.b64decode(data))
 
@@ -221,22 +230,54 @@ INSPECT = r"""
   const SKIP = new Set(["CODE", "PRE", "SCRIPT", "STYLE", "TEXTAREA", "KBD", "SAMP",
                         "MJX-CONTAINER", "MJX-ASSISTIVE-MML", "NOSCRIPT", "TEMPLATE"]);
   const TEX = /\\[()\[\]]|\$\$|\\[A-Za-z]+/;
-  const raw = [];
+  // a pipe table's delimiter row: | --- |, |:-:|, or |—| once smart quotes made --- a dash
+  const PIPE_TABLE = /\|[ \t]*(?::?-{2,}|:-+|:?[\u2013\u2014]+):?[ \t]*\|/;
+  const raw = [], pipes = [];
   const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT, {
     acceptNode(node) {
       for (let el = node.parentElement; el; el = el.parentElement) {
         if (SKIP.has(el.tagName) || el.classList.contains("highlight")) return NodeFilter.FILTER_REJECT;
       }
-      return TEX.test(node.textContent) ? NodeFilter.FILTER_ACCEPT : NodeFilter.FILTER_SKIP;
+      const text = node.textContent;
+      return TEX.test(text) || PIPE_TABLE.test(text) ? NodeFilter.FILTER_ACCEPT : NodeFilter.FILTER_SKIP;
     }
   });
   while (walker.nextNode()) {
     const node = walker.currentNode;
     const where = node.parentElement.closest("nav, .bd-sidebar-primary, .bd-sidebar-secondary, footer")
       ? "navigation" : "text";
-    raw.push(where + ": " + node.textContent.trim().slice(0, 160));
+    const text = node.textContent.trim();
+    if (TEX.test(text)) raw.push(where + ": " + text.slice(0, 160));
+    if (PIPE_TABLE.test(text)) pipes.push(text.slice(0, 160));
   }
-  return {
+  // Code and equations are measured with every toggle open: a long line behind a
+  // "show the check" button is still a long line.
+  const closed = [...document.querySelectorAll("details")].filter(details => !details.open);
+  for (const details of closed) details.open = true;
+  await new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)));
+  const visible = el => el.offsetParent !== null || el.getClientRects().length > 0;
+  const longest = pre => pre.textContent.split("\n").reduce((a, b) => (b.length > a.length ? b : a), "").slice(0, 100);
+  const codeBlocks = [...document.querySelectorAll("pre")].filter(visible);
+  // a line wraps iff forbidding wrapping makes the block shorter
+  const wrapped = codeBlocks.filter(pre => {
+    const before = pre.getBoundingClientRect().height;
+    const style = pre.getAttribute("style");
+    pre.style.setProperty("white-space", "pre", "important");
+    pre.style.setProperty("overflow-wrap", "normal", "important");
+    const after = pre.getBoundingClientRect().height;
+    if (style === null) pre.removeAttribute("style"); else pre.setAttribute("style", style);
+    return before > after + 1;
+  }).map(longest);
+  const wideMath = [...document.querySelectorAll('mjx-container[display="true"]')]
+    .filter(c => visible(c) && c.scrollWidth > c.clientWidth + 1)
+    .map(c => {
+      const box = c.closest("div.math, .math-wrapper, p, div") || c;
+      const number = box.querySelector(".eqno");
+      const tex = (c.querySelector("mjx-assistive-mml") || c).textContent.replace(/\s+/g, " ");
+      return `${number ? number.textContent.replace("#", "").trim() + " " : ""}` +
+             `${Math.round(c.scrollWidth)} px in ${Math.round(c.clientWidth)} px: ${tex.slice(0, 80)}`;
+    });
+  const report = {
     title: document.title,
     mathjax: mathjax,
     typeset: document.querySelectorAll("mjx-container").length,
@@ -244,11 +285,14 @@ INSPECT = r"""
     rawTex: raw.slice(0, 20),
     brokenImages: [...document.images].filter(img => !(img.complete && img.naturalWidth > 0)).map(img => img.getAttribute("src")),
     images: document.images.length,
-    sideways: [...document.querySelectorAll("pre")]
-      .filter(pre => pre.offsetParent !== null && pre.scrollWidth > pre.clientWidth + 2)
-      .map(pre => pre.textContent.split("\n").reduce((a, b) => (b.length > a.length ? b : a), "").slice(0, 100)),
+    pipeTables: pipes.slice(0, 20),
+    wideMath: wideMath.slice(0, 20),
+    wrapped: wrapped.slice(0, 20),
+    sideways: codeBlocks.filter(pre => pre.scrollWidth > pre.clientWidth + 2).map(longest),
     links: [...document.querySelectorAll("a[href]")].map(a => a.href),
   };
+  for (const details of closed) details.open = false;  // the screenshot shows the page as it opens
+  return report;
 })()
 """
 
@@ -306,7 +350,7 @@ def _require_book_and_browser(config: pytest.Config) -> None:
 @pytest.fixture(scope="module")
 def browser(request):
     _require_book_and_browser(request.config)
-    instance = Browser(CHROMIUM)
+    instance = Browser(CHROMIUM)  # 1280 px wide: a laptop screen, the width the book is checked at
     yield instance
     instance.close()
 
@@ -342,7 +386,10 @@ def test_page_reads_offline(browser, page):
     problems += [f"image does not load: {src}" for src in report["brokenImages"]]
     problems += [f"broken internal link: {link}" for link in broken_links(report["links"])]
     problems += [f"requests the network: {url}" for url in network]
+    problems += [f"Markdown table syntax in the rendered text: {text!r}" for text in report["pipeTables"]]
+    problems += [f"display equation wider than its column, {eq}" for eq in report["wideMath"]]
     problems += [f"code block scrolls sideways, longest line {line!r}" for line in report["sideways"]]
+    problems += [f"code line wraps, longest line {line!r}" for line in report["wrapped"]]
     assert not problems, (
         f"{_page_id(page)} (screenshot: {shot}):\n  " + "\n  ".join(problems)
     )
@@ -360,6 +407,33 @@ def test_pages_were_found(request):
     assert expected <= names, f"toc pages missing from the build: {sorted(expected - names)}"
 
 
+def output_tables(page: Path) -> list[str]:
+    """The HTML of each ``<table>`` in a code cell's output on ``page`` (static HTML)."""
+    text = page.read_text(encoding="utf-8", errors="replace")
+    tables = []
+    for start in (m.start() for m in re.finditer(r'<div class="cell_output\b', text)):
+        depth, end = 0, start
+        for tag in re.finditer(r"<div\b|</div>", text[start:]):  # the output's own <div>
+            depth += 1 if tag.group(0) == "<div" else -1
+            if depth == 0:
+                end = start + tag.end()
+                break
+        tables += re.findall(r"<table.*?</table>", text[start:end], flags=re.S)
+    return tables
+
+
+def test_markdown_outputs_render_as_tables(request):
+    """A ``display(Markdown(pipe_table))`` output is a table in the built page (MyST-NB's
+    ``nb_render_markdown_format: myst``), with its math and code cells rendered too; the
+    page check above fails on any that stays pipe text."""
+    _require_book_and_browser(request.config)
+    tables = [t for page in PAGES for t in output_tables(page)]
+    assert tables, "no cell output renders a table"
+    rich = [t for t in tables if re.search(r"<td[^>]*>.*?class=\"math notranslate nohighlight\"", t, re.S)
+            and re.search(r"<td[^>]*>.*?<code", t, re.S)]
+    assert rich, "no output table has a cell with math and a cell with code"
+
+
 def test_broken_links_detects_missing_targets(tmp_path):
     """The link checker itself: a missing file and a missing anchor are reported."""
     page = tmp_path / "a.html"
@@ -370,3 +444,46 @@ def test_broken_links_detects_missing_targets(tmp_path):
     bad_file = (tmp_path / "b.html").as_uri()
     problems = broken_links([bad_anchor, bad_file])
     assert len(problems) == 2 and "no #nowhere" in problems[0] and "no such file" in problems[1]
+
+
+SYNTHETIC = """<!DOCTYPE html><html><head><title>synthetic</title><style>
+  body { width: 400px; font: 14px monospace; }
+  pre { overflow: auto; margin: 0 0 1em 0; }
+  pre.folded { white-space: pre-wrap; overflow-wrap: anywhere; }
+  mjx-container { display: block; overflow-x: auto; width: 300px; }
+</style></head><body>
+<p>| N | d | method |\n|---:|---:|---| | 1 | 2 | ste |</p>
+<p>| claim | verdict |\n|\u2014|\u2014|</p>
+<p>a norm |x| - |y| in prose, and a | b | c without a delimiter row</p>
+<pre id="fits">short = 1</pre>
+<pre id="wide">LONG</pre>
+<pre class="folded">LONG</pre>
+<details><summary>show</summary><pre>HIDDEN</pre></details>
+<mjx-container display="true"><span style="display:inline-block;width:600px">wide</span></mjx-container>
+<mjx-container display="true"><span style="display:inline-block;width:200px">narrow</span></mjx-container>
+</body></html>"""
+
+
+def test_inspect_detects_tables_wide_math_and_long_code(request, tmp_path):
+    """The page checks themselves, on a synthetic page: pipe-table text, a display equation
+    wider than its column, a code line that scrolls, one that wraps, one behind a toggle."""
+    if CHROMIUM is None:
+        if request.config.getoption("--browser-check"):
+            pytest.fail("--browser-check: no Chromium found", pytrace=False)
+        pytest.skip("no Chromium found")
+    page = tmp_path / "synthetic.html"
+    page.write_text(SYNTHETIC.replace("LONG", "x = " + "1 + " * 40 + "1")
+                    .replace("HIDDEN", "y = " + "2 + " * 40 + "2"), encoding="utf-8")
+    instance = Browser(CHROMIUM)
+    try:
+        instance.open(page.as_uri())
+        report = instance.evaluate(INSPECT)
+        still_closed = instance.evaluate("!document.querySelector('details').open")
+    finally:
+        instance.close()
+    assert len(report["pipeTables"]) == 2, report["pipeTables"]
+    assert len(report["wideMath"]) == 1 and "600 px in 300 px" in report["wideMath"][0]
+    assert len(report["wrapped"]) == 1 and report["wrapped"][0].startswith("x = 1 + 1")
+    # the wide block and the one behind the toggle scroll; the folded one wraps instead
+    assert [line[:5] for line in report["sideways"]] == ["x = 1", "y = 2"], report["sideways"]
+    assert still_closed, "the inspection must leave the toggles as it found them"

@@ -2,9 +2,13 @@
 
 * the registry is well formed: known fields, one of the four verdicts, no duplicate ids;
 * every evidence label exists in book/ (a ``(label)=`` target or a math ``:label:``);
-* each chapter's "Claims checked" table and the appendix page book/claim_audit.md are
-  exactly what tools/claims.py renders from the registry (run ``python tools/claims.py
-  --write`` after editing the registry);
+* each chapter's closing "Claims checked" cell (its verdict counts and a link to its part
+  of the audit) and Appendix B, book/claim_audit.md, are exactly what tools/claims.py
+  renders from the registry (run ``python tools/claims.py --write`` after editing the
+  registry); no page keeps a claims table of its own, and ``--chapters`` writes only the
+  chapters it names;
+* the registry and the audit page name the derivation notes as such (never "the
+  appendix", "the appended notes" or "the second file");
 * every ``:eq:`` / ``:ref:`` label cited in a docstring or comment of ``rotvq/`` exists in book/.
 """
 from __future__ import annotations
@@ -13,6 +17,7 @@ import copy
 import importlib.util
 import pathlib
 import re
+import shutil
 
 import pytest
 
@@ -84,10 +89,28 @@ def test_chapter_table_matches_registry(claims, labels, chapter):
     assert i is not None, f"book/{chapter}.ipynb has no '## Claims checked' cell"
     expected = claims_tool.chapter_table(claims, chapter, labels)
     assert nb.cells[i].source == expected, (
-        f"book/{chapter}.ipynb's claims table differs from book/claims.yml; "
-        "run `python tools/claims.py --write` (under the notebooks' flocks)")
+        f"book/{chapter}.ipynb's closing claims cell differs from book/claims.yml; run "
+        f"`python tools/claims.py --write --chapters {chapter}` (under the notebook's flock)")
+    assert i == len(nb.cells) - 1, "the generated claims cell is the chapter's last cell"
     heads = [c for c in nb.cells if c.cell_type == "markdown" and claims_tool.TABLE_HEADING in c.source]
     assert len(heads) == 1, "a second, hand-written claims table"
+    by_hand = [c.source.splitlines()[0][:60] for c in nb.cells if c.cell_type == "markdown"
+               and re.search(r"^\|[^\n]*\bclaim\b[^\n]*\|[ \t]*$", c.source, re.M | re.I)]
+    assert not by_hand, f"a claims table written by hand, outside the registry: {by_hand}"
+
+
+@pytest.mark.parametrize("chapter", claims_tool.CHAPTERS)
+def test_chapter_cell_counts_and_links(claims, labels, chapter):
+    """The closing cell gives the chapter's verdict counts and links to its audit part."""
+    text = claims_tool.chapter_table(claims, chapter, labels)
+    rows = [c for c in claims if claims_tool.chapter_of(c, labels) == chapter]
+    n = claims_tool.counts(rows)
+    assert "| " + " | ".join(str(n[v]) for v in claims_tool.VERDICTS) + " |" in text
+    assert f"{len(rows)} claims" in text
+    label = claims_tool.part_label(chapter)
+    assert f"<{label}>`" in text
+    assert f"({label})=" in claims_tool.audit_page(claims, labels)
+    assert "| claim of the source |" not in text  # counts only: the rows live on the audit page
 
 
 def test_audit_page_is_up_to_date(claims, labels):
@@ -102,7 +125,49 @@ def test_audit_page_counts_add_up(claims, labels):
     row = next(line for line in text.splitlines() if line.startswith("| all |"))
     assert row.rstrip(" |").endswith(str(len(claims)))
     for c in claims:
-        assert f"`{c['id']}`" in text
+        assert text.count(f"`{c['id']}`") >= 2, c["id"]  # in its chapter part and by source
+    # the chapter parts partition the registry
+    per_part = [int(m) for m in re.findall(r"^(\d+) claims (?:decided in|that no chapter)", text, re.M)]
+    assert sum(per_part) == len(claims)
+
+
+def test_registry_names_the_derivation_notes():
+    """The derivation notes are never "the appendix" (the book has its own Appendices A and
+    B), "the appended notes" or "the second file"; and never attributed to Su."""
+    bad = re.compile(r"derivation appendix|appended notes|second file|\bthe appendix\b"
+                     r"|appendix's|\bappendix, (?:part|Prop|Def|Thm)", re.I)
+    for path in (ROOT / "book" / "claims.yml", ROOT / "book" / "claim_audit.md"):
+        text = path.read_text(encoding="utf-8")
+        hits = [line.strip()[:100] for line in text.splitlines()
+                if bad.search(line) and "VQ-VAE paper" not in line]
+        assert not hits, f"{path.name} calls the derivation notes an appendix or a file: {hits}"
+    assert set(claims_tool.SOURCES) == {"post", "comments", "notes"}
+    assert "derivation notes" in claims_tool.SOURCE_TITLES["notes"].lower()
+
+
+def test_write_selected_chapters_only(tmp_path, monkeypatch):
+    """``--write --chapters ste`` rewrites the audit page and book/ste.ipynb, and leaves the
+    other chapters' files untouched (another engineer may be editing them)."""
+    book = tmp_path / "book"
+    shutil.copytree(ROOT / "book", book, ignore=shutil.ignore_patterns("records", "_build", "*.png"))
+    nb = claims_tool.nbformat.read(book / "ste.ipynb", as_version=4)
+    i = claims_tool.table_cell(nb)
+    nb.cells[i].source = claims_tool.TABLE_HEADING + "\n\nstale"
+    claims_tool.nbformat.write(nb, book / "ste.ipynb")
+    for ch in claims_tool.CHAPTERS:
+        if ch != "ste":
+            nb = claims_tool.nbformat.read(book / f"{ch}.ipynb", as_version=4)
+            nb.cells[claims_tool.table_cell(nb)].source = claims_tool.TABLE_HEADING + "\n\nleave me"
+            claims_tool.nbformat.write(nb, book / f"{ch}.ipynb")
+    before = {ch: (book / f"{ch}.ipynb").read_bytes() for ch in claims_tool.CHAPTERS}
+    monkeypatch.setattr(claims_tool, "BOOK", book)
+    assert claims_tool.main(["--write", "--chapters", "ste"]) == 0
+    assert (book / "ste.ipynb").read_bytes() != before["ste"]
+    for ch in claims_tool.CHAPTERS:
+        if ch != "ste":
+            assert (book / f"{ch}.ipynb").read_bytes() == before[ch], ch
+    assert claims_tool.main(["--check", "--chapters", "ste"]) == 0
+    assert claims_tool.main(["--check"]) == 1  # the others are stale
 
 
 _CODE_ROLE = re.compile(r":(eq|ref):`([^`]+)`")

@@ -1,25 +1,32 @@
 """The claim registry ``book/claims.yml``: load, validate, and render it.
 
 The registry is the one source of truth for the book's verdicts on the claims of the
-source text. From it this tool generates
+source text: the post, the reader comments under it, and the derivation notes (an
+anonymous document appended to a markdown copy of the post, cited as
+``derivnotes2024``). From it this tool generates
 
-* the "Claims checked" table at the end of each chapter (a markdown cell that starts
-  with ``## Claims checked``), listing the claims whose first evidence label lives in
-  that chapter, in registry order;
-* the appendix page ``book/claim_audit.md``: counts by verdict and by part of the
-  source, every claim with its verdict and links to its evidence, and the short
-  arguments for claims that a textual argument decides (label ``audit-<id>``).
+* the closing cell of each chapter (a markdown cell that starts with
+  ``## Claims checked``): the verdict counts of the claims whose first evidence label
+  lives in that chapter, and a link to the chapter's part of the claim audit;
+* Appendix B, the page ``book/claim_audit.md``: counts by part of the source and by
+  chapter; one part per chapter (label ``audit-<chapter>``, the target of the chapter's
+  link) listing its claims with verdict, note and links to the evidence; every claim by
+  part of the source; and the short arguments for claims that a textual argument decides
+  (label ``audit-<id>``).
 
 Usage::
 
-    python tools/claims.py --check          # exit 1 if a chapter or the page is stale
-    python tools/claims.py --write          # regenerate the page and the chapter tables
+    python tools/claims.py --check                      # exit 1 if anything is stale
+    python tools/claims.py --write                      # the page and every chapter
+    python tools/claims.py --write --chapters ste rotation   # the page and these chapters
 
+``--chapters`` limits what is written (and, with ``--check``, what is checked) to the
+chapters named; the audit page is always written, since every chapter links to it.
 Run ``--write`` under the notebooks' locks (it edits markdown cells only, so no chapter
 needs re-executing)::
 
     flock /tmp/nb-ste.lock flock /tmp/nb-generalized.lock flock /tmp/nb-rotation.lock \
-        flock /tmp/nb-scaling.lock python tools/claims.py --write
+        flock /tmp/nb-scaling.lock flock /tmp/nb-benchmarks.lock python tools/claims.py --write
 
 Every entry explains its verdict, in a ``note`` (what was checked, at what scale, where it
 could still fail) or in an ``argument`` (rendered on the audit page), never both.
@@ -39,15 +46,19 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
 REGISTRY = BOOK / "claims.yml"
 AUDIT_PAGE = BOOK / "claim_audit.md"
-CHAPTERS = ("ste", "generalized", "rotation", "scaling")
+#: The pages with a generated closing cell, in book order (Appendix A included).
+CHAPTERS = ("ste", "generalized", "rotation", "scaling", "benchmarks")
 
 VERDICTS = ("confirmed", "partly", "wrong", "unsupported")
-SOURCES = {"post": "post", "comments": "comments", "appendix": "appendix"}
+#: source key -> how a row names it ("derivation notes, Prop. 8.2").
+SOURCES = {"post": "post", "comments": "comments", "notes": "derivation notes"}
 SOURCE_TITLES = {
     "post": "The post",
     "comments": "The reader comments",
-    "appendix": "The derivation appendix",
+    "notes": "The derivation notes",
 }
+#: The audit page's part for claims that no chapter decides (only an argument there).
+NO_CHAPTER = "arguments"
 FIELDS = {"id", "source", "section", "claim", "verdict", "evidence", "note", "argument"}
 REQUIRED = ("id", "source", "section", "claim", "verdict", "evidence")
 ID_RE = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
@@ -166,7 +177,7 @@ def _link(label: str, labels: dict[str, tuple[str, str]]) -> str:
 
 
 def _where(c: dict) -> str:
-    return f"{c['source']}, {c['section']}"
+    return f"{SOURCES[c['source']]}, {c['section']}"
 
 
 def _status(c: dict) -> str:
@@ -177,46 +188,89 @@ def _oneline(s: str) -> str:
     return " ".join(s.split())
 
 
+def part_label(chapter: str | None) -> str:
+    """The label of a chapter's part of the audit page (``audit-ste``, ...)."""
+    return f"audit-{chapter or NO_CHAPTER}"
+
+
+def chapter_title(chapter: str, book: pathlib.Path = BOOK) -> str:
+    """The chapter's title: the first ``# `` heading of its notebook."""
+    nb = nbformat.read(book / f"{chapter}.ipynb", as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            m = re.search(r"^# (.+)$", cell.source, re.M)
+            if m:
+                return m.group(1).strip()
+    raise ValueError(f"book/{chapter}.ipynb has no '# ' title")
+
+
+def counts(rows: list[dict]) -> collections.Counter:
+    return collections.Counter(c["verdict"] for c in rows)
+
+
+def _counts_sentence(rows: list[dict]) -> str:
+    n = counts(rows)
+    return ", ".join(f"{n[v]} {v}" for v in VERDICTS)
+
+
 def chapter_table(claims: list[dict], chapter: str, labels: dict[str, tuple[str, str]]) -> str:
-    """The markdown of a chapter's "Claims checked" cell."""
+    """The markdown of a chapter's closing "Claims checked" cell: counts and a link."""
     rows = [c for c in claims if chapter_of(c, labels) == chapter]
+    n = counts(rows)
+    here = "this appendix" if chapter == "benchmarks" else "this chapter"
     lines = [
         TABLE_HEADING,
         "",
         GENERATED,
         "",
-        "Each row is an entry of the book's claim registry (`book/claims.yml`); the appendix "
-        "{ref}`claim-audit` lists all of them, with counts. A verdict is *confirmed*, "
-        "*partly* (true under a reading or in a case the note names), *wrong* (a "
-        "counterexample or a derivation refutes it) or *unsupported* (not testable as "
-        "stated, or not reproduced here).",
+        f"{len(rows)} claims of the source have their first evidence in {here}. Verdicts:",
         "",
-        # the container's class gives the table fixed column shares (book/_static/rotvq.css)
-        ":::{container} claims-table",
-        "| claim of the source | where | verdict | evidence |",
-        "| --- | --- | --- | --- |",
+        ":::{container} claim-counts",
+        "| " + " | ".join(VERDICTS) + " |",
+        "| " + " | ".join("---:" for _ in VERDICTS) + " |",
+        "| " + " | ".join(str(n[v]) for v in VERDICTS) + " |",
+        ":::",
+        "",
+        "Each claim, with its verdict, the reason for it and links to the evidence, is listed in "
+        f"{{ref}}`its part of the claim audit <{part_label(chapter)}>` (Appendix B); the "
+        "registry `book/claims.yml` holds them all.",
     ]
-    for c in rows:
-        ev = ", ".join(_link(e, labels) for e in c["evidence"])
-        lines.append(f"| {_oneline(c['claim'])} | {_where(c)} | {_oneline(_status(c))} | {ev} |")
-    lines.append(":::")
     return "\n".join(lines)
 
 
-def audit_page(claims: list[dict], labels: dict[str, tuple[str, str]]) -> str:
+def _chapter_rows(rows: list[dict], labels: dict[str, tuple[str, str]]) -> list[str]:
+    out = [":::{container} audit-table by-chapter",
+           "| claim of the source | where | verdict | evidence |",
+           "| --- | --- | --- | --- |"]
+    for c in rows:
+        ev = ", ".join(_link(e, labels) for e in c["evidence"])
+        out.append(f"| {_oneline(c['claim'])} | {_where(c)} (`{c['id']}`) | "
+                   f"{_oneline(_status(c))} | {ev} |")
+    out.append(":::")
+    return out
+
+
+def audit_page(claims: list[dict], labels: dict[str, tuple[str, str]],
+               book: pathlib.Path = BOOK) -> str:
     """The markdown of ``book/claim_audit.md``."""
     count = collections.Counter((c["source"], c["verdict"]) for c in claims)
+    by_chapter: dict[str | None, list[dict]] = {ch: [] for ch in (*CHAPTERS, None)}
+    for c in claims:
+        by_chapter[chapter_of(c, labels)].append(c)
+    titles = {ch: chapter_title(ch, book) for ch in CHAPTERS}
     out = [
         "(claim-audit)=",
-        "# Claim audit",
+        "# Appendix B: Claim audit",
         "",
         GENERATED,
         "",
-        "This page lists every checkable claim of the source text {cite}`su2024rotation` — the "
-        "post, the reader comments under it, and the derivation appendix of the second file — "
-        "with the book's verdict and the chapter sections or cells that decide it. It is "
-        "generated from the registry `book/claims.yml`, as are the \"Claims checked\" tables "
-        "at the end of the chapters.",
+        "This appendix lists every checkable claim of the source text — Su's post "
+        "{cite}`su2024rotation`, the reader comments under it, and the derivation notes "
+        "{cite}`derivnotes2024`, an anonymous document appended to a markdown copy of the "
+        "post (see {ref}`the two sources <ste-sources>`) — with the book's verdict and the chapter sections or "
+        "cells that decide it. It is generated from the registry `book/claims.yml`, as is "
+        "the closing cell of each chapter, which gives the chapter's counts and links to its "
+        "part below.",
         "",
         "The verdicts mean:",
         "",
@@ -231,25 +285,58 @@ def audit_page(claims: list[dict], labels: dict[str, tuple[str, str]]) -> str:
         "",
         "## Counts",
         "",
+        "By part of the source:",
+        "",
+        ":::{container} claim-counts",
         "| part of the source | " + " | ".join(VERDICTS) + " | all |",
-        "| --- | " + " | ".join("---" for _ in VERDICTS) + " | --- |",
+        "| --- | " + " | ".join("---:" for _ in VERDICTS) + " | ---: |",
     ]
     for s in SOURCES:
         row = [count[(s, v)] for v in VERDICTS]
-        out.append(f"| {s} | " + " | ".join(str(n) for n in row) + f" | {sum(row)} |")
+        out.append(f"| {SOURCES[s]} | " + " | ".join(str(n) for n in row) + f" | {sum(row)} |")
     tot = [sum(count[(s, v)] for s in SOURCES) for v in VERDICTS]
     out.append("| all | " + " | ".join(str(n) for n in tot) + f" | {sum(tot)} |")
+    out += [":::", "", "By the page that decides them (the page of a claim's first evidence):", "",
+            ":::{container} claim-counts",
+            "| page | " + " | ".join(VERDICTS) + " | all |",
+            "| --- | " + " | ".join("---:" for _ in VERDICTS) + " | ---: |"]
+    for ch, rows in by_chapter.items():
+        if not rows:
+            continue
+        n = counts(rows)
+        name = f"{{ref}}`{ch} <{part_label(ch)}>`" if ch else f"{{ref}}`an argument only <{part_label(None)}>`"
+        out.append(f"| {name} | " + " | ".join(str(n[v]) for v in VERDICTS) + f" | {len(rows)} |")
+    out += [":::", "", "## By chapter", "",
+            "Each part lists the claims whose first evidence is on that page, in registry "
+            "order, with the note that explains the verdict (or a link to the argument below)."]
+    for ch in CHAPTERS:
+        rows = by_chapter[ch]
+        if not rows:
+            continue
+        out += ["", f"({part_label(ch)})=", f"### {titles[ch]}", "",
+                f"{len(rows)} claims decided in {{ref}}`ch-{ch}`: {_counts_sentence(rows)}.", ""]
+        out += _chapter_rows(rows, labels)
+    rows = by_chapter[None]
+    if rows:
+        out += ["", f"({part_label(None)})=", "### Decided by an argument alone", "",
+                f"{len(rows)} claims that no chapter's computation decides: "
+                f"{_counts_sentence(rows)}.", ""]
+        out += _chapter_rows(rows, labels)
+    out += ["", "## By part of the source", "",
+            "Every claim once more, by the part of the source that makes it, with a link to the "
+            "part above that gives its note and evidence."]
     for s in SOURCES:
-        out += ["", f"## {SOURCE_TITLES[s]}", "",
-                ":::{container} audit-table",
-                "| id | section | claim | verdict | evidence |",
+        out += ["", f"### {SOURCE_TITLES[s]}", "",
+                ":::{container} audit-table by-source",
+                "| id | section | claim | verdict | decided in |",
                 "| --- | --- | --- | --- | --- |"]
         for c in claims:
             if c["source"] != s:
                 continue
-            ev = ", ".join(_link(e, labels) for e in c["evidence"])
+            ch = chapter_of(c, labels)
+            where = f"{{ref}}`{ch or 'argument'} <{part_label(ch)}>`"
             out.append(f"| `{c['id']}` | {c['section']} | {_oneline(c['claim'])} | "
-                       f"{_oneline(_status(c))} | {ev} |")
+                       f"**{c['verdict']}** | {where} |")
         out.append(":::")
     args = [c for c in claims if "argument" in c]
     if args:
@@ -298,17 +385,18 @@ def write_chapter(path: pathlib.Path, text: str) -> bool:
     return True
 
 
-def stale(claims: list[dict], book: pathlib.Path = BOOK) -> list[str]:
+def stale(claims: list[dict], book: pathlib.Path = BOOK,
+          chapters: tuple[str, ...] = CHAPTERS) -> list[str]:
     """Names of generated artefacts that differ from what the registry gives."""
     labels = book_labels(book)
     bad = []
-    for ch in CHAPTERS:
+    for ch in chapters:
         nb = nbformat.read(book / f"{ch}.ipynb", as_version=4)
         i = table_cell(nb)
         if i is None or nb.cells[i].source != chapter_table(claims, ch, labels):
             bad.append(f"book/{ch}.ipynb")
     page = book / AUDIT_PAGE.name
-    if not page.exists() or page.read_text(encoding="utf-8") != audit_page(claims, labels):
+    if not page.exists() or page.read_text(encoding="utf-8") != audit_page(claims, labels, book):
         bad.append(f"book/{AUDIT_PAGE.name}")
     return bad
 
@@ -319,8 +407,15 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--check", action="store_true", help="exit 1 if anything is stale")
     group.add_argument("--write", action="store_true", help="regenerate tables and page")
     parser.add_argument("--summary", action="store_true", help="print counts by part and verdict")
+    parser.add_argument("--chapters", nargs="+", choices=CHAPTERS, default=list(CHAPTERS),
+                        metavar="CHAPTER",
+                        help=f"write/check only these chapters (of {', '.join(CHAPTERS)}); "
+                             "the audit page is always written/checked")
     args = parser.parse_args(argv)
-    claims = load()
+    chapters = tuple(args.chapters)
+    book = BOOK  # read at call time, so that a test can point the tool at a copy of book/
+    page = book / AUDIT_PAGE.name
+    claims = load(book / REGISTRY.name)
     if args.summary:
         count = collections.Counter((c["source"], c["verdict"]) for c in claims)
         for s in SOURCES:
@@ -328,20 +423,21 @@ def main(argv: list[str] | None = None) -> int:
         print("all", len(claims))
     if args.write:
         # the page first: its audit-* labels are evidence for the chapters' rows
-        AUDIT_PAGE.write_text(audit_page(claims, book_labels()), encoding="utf-8")
-        labels = book_labels()
-        AUDIT_PAGE.write_text(audit_page(claims, labels), encoding="utf-8")
-        for ch in CHAPTERS:
-            if write_chapter(BOOK / f"{ch}.ipynb", chapter_table(claims, ch, labels)):
+        page.write_text(audit_page(claims, book_labels(book), book), encoding="utf-8")
+        labels = book_labels(book)
+        page.write_text(audit_page(claims, labels, book), encoding="utf-8")
+        for ch in chapters:
+            if write_chapter(book / f"{ch}.ipynb", chapter_table(claims, ch, labels)):
                 print(f"wrote book/{ch}.ipynb", file=sys.stderr)
-    missing = missing_evidence(claims, book_labels())
+    missing = missing_evidence(claims, book_labels(book))
     if missing:
         print("evidence labels not defined in book/:\n  " + "\n  ".join(missing), file=sys.stderr)
-    bad = stale(claims)
+    bad = stale(claims, book, chapters)
     if bad:
-        print("stale (run tools/claims.py --write): " + ", ".join(bad), file=sys.stderr)
+        command = "python tools/claims.py --write" + (
+            "" if set(chapters) == set(CHAPTERS) else " --chapters " + " ".join(chapters))
+        print(f"stale (run {command}): " + ", ".join(bad), file=sys.stderr)
     return 1 if (bad or missing) else 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -10,6 +10,15 @@ Loaded by Jupyter Book through ``sphinx.local_extensions`` in ``_config.yml``.
   navigation sidebar contains chapter titles with math.
 * **Running times.**  ``{{ runtime_<chapter> }}`` in a chapter's markdown is the wall time
   of its last run by ``tools/execute_notebook.py`` (``book/_timings.json``).
+* **Lettered appendices.**  The pages of the toc's unnumbered "Appendix" part are
+  Appendix A and B (their titles say so); their equations and figures are numbered
+  ``(A.1)``, ``Figure B.2`` and so on, in the page and in every reference to them, instead
+  of a number that could be read as a chapter's (:data:`APPENDICES`).
+* **Verdicts next to the source's statements.**  ``{{ claim_<id> }}`` is the registry's
+  paraphrase of claim ``<id>`` of ``book/claims.yml`` and ``{{ verdict_<id> }}`` a line with
+  its verdict and a link to the part of the claim audit that lists it (``-`` in an id is
+  written ``_``).  A chapter shows a theorem of the source in a ``prf:`` box with these two,
+  so the verdict it shows is the registry's and cannot drift from it.
 * **Plain-text titles.**  The browser tab's ``<title>`` and the text of ``{ref}`` links are
   plain text: where a section title contains math, TeX such as ``\\sg{G}z`` is rewritten as
   ``sg[G]z`` (:func:`tex_to_text`) instead of being shown as TeX source.
@@ -236,6 +245,70 @@ def _runtime_substitutions(app: Sphinx, config: Any) -> None:
     config.myst_substitutions = {**found, **(config.myst_substitutions or {})}
 
 
+def _claims_tool(root: Path) -> Any:
+    """``tools/claims.py`` of the book at ``root``, imported by path (it is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rotvq_claims_tool", root / "tools" / "claims.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def claim_substitutions(root: Path) -> dict[str, str]:
+    """MyST substitutions ``claim_<id>`` and ``verdict_<id>`` from the claim registry.
+
+    ``claim_<id>`` is the claim as the registry states it; ``verdict_<id>`` reads
+    "Verdict: **wrong** (registry entry ``id``; {ref}`claim audit <audit-ste>`)", the link
+    going to the part of Appendix B that lists the claim with its note and evidence.
+    """
+    registry = root / "book" / "claims.yml"
+    if not registry.is_file():
+        return {}
+    tool = _claims_tool(root)
+    tool.BOOK = root / "book"
+    claims = tool.load(registry)
+    labels = tool.book_labels(root / "book")
+    out = {}
+    for c in claims:
+        key = c["id"].replace("-", "_")
+        part = tool.part_label(tool.chapter_of(c, labels))
+        out[f"claim_{key}"] = " ".join(c["claim"].split())
+        out[f"verdict_{key}"] = (f"Verdict: **{c['verdict']}** (registry entry `{c['id']}`; "
+                                 f"{{ref}}`claim audit <{part}>`)")
+    return out
+
+
+def _claim_substitutions(app: Sphinx, config: Any) -> None:
+    found = claim_substitutions(Path(app.srcdir))
+    config.myst_substitutions = {**found, **(config.myst_substitutions or {})}
+
+
+#: Appendix pages and their letters (the toc lists them in an unnumbered part).
+APPENDICES = {"book/benchmarks": "A", "book/claim_audit": "B"}
+
+
+def letter_numbers(fignumbers: dict[str, dict[str, tuple]], letter: str) -> dict[str, dict[str, tuple]]:
+    """Figure/equation numbers of one page renumbered ``(letter, 1)``, ``(letter, 2)``, ...
+
+    Sphinx numbers the figures and equations of an unnumbered page with one counter shared
+    by all unnumbered pages; an appendix counts its own, in the page's order, per type.
+    """
+    out = {}
+    for figtype, numbers in fignumbers.items():
+        order = sorted(numbers, key=lambda key: numbers[key])
+        out[figtype] = {key: (letter, i + 1) for i, key in enumerate(order)}
+    return out
+
+
+def _letter_appendices(app: Sphinx, env: Any) -> list[str]:
+    # Runs after Sphinx's TocTreeCollector has assigned env.toc_fignumbers (same event).
+    for docname, letter in APPENDICES.items():
+        if docname in env.toc_fignumbers:
+            env.toc_fignumbers[docname] = letter_numbers(env.toc_fignumbers[docname], letter)
+    return []
+
+
 def _tuples_for_nitpick(app: Sphinx, config: Any) -> None:
     # YAML gives lists, Sphinx compares (type, target) tuples: a YAML
     # nitpick_ignore entry would otherwise never match.
@@ -374,9 +447,11 @@ def setup(app: Sphinx) -> dict[str, Any]:
     app.connect("config-inited", _use_local_mathjax)
     app.connect("config-inited", _tuples_for_nitpick)
     app.connect("config-inited", _runtime_substitutions)
+    app.connect("config-inited", _claim_substitutions)
     app.connect("missing-reference", _resolve_reexports)
     app.connect("builder-inited", _force_mathjax_everywhere)
     app.connect("doctree-read", _plain_ref_titles)
+    app.connect("env-get-updated", _letter_appendices, priority=900)
     app.connect("html-page-context", _plain_page_title, priority=900)
     app.connect("build-finished", _copy_mathjax)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
