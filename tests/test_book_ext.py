@@ -148,9 +148,12 @@ def test_claim_substitutions_follow_the_registry():
         verdict = subs[f"verdict_{key}"]
         assert f"**{c['verdict']}**" in verdict and f"`{c['id']}`" in verdict
         assert f"<{tool.part_label(tool.chapter_of(c, labels))}>`" in verdict
+    assert subs["claims_total"] == str(len(claims))
+    assert sum(int(subs[f"claims_{v}"]) for v in tool.VERDICTS) == len(claims)
+    assert subs["claims_notes"] == str(sum(c["source"] == "notes" for c in claims))
     used = set()
-    for page in (ROOT / "book").glob("*.ipynb"):
-        used |= set(re.findall(r"\{\{\s*((?:claim|verdict)_\w+)\s*\}\}", page.read_text(encoding="utf-8")))
+    for page in [*(ROOT / "book").glob("*.ipynb"), *(ROOT / "book").glob("*.md")]:
+        used |= set(re.findall(r"\{\{\s*((?:claim|verdict|claims)_\w+)\s*\}\}", page.read_text(encoding="utf-8")))
     assert used, "no chapter shows a statement of the source with its verdict"
     assert used <= set(subs), f"unknown claim substitutions: {sorted(used - set(subs))}"
 

@@ -138,6 +138,7 @@ def test_wheel_metadata(wheel, wheel_names):
     with zipfile.ZipFile(wheel) as zf:
         (entry_points,) = [n for n in wheel_names if n.endswith(".dist-info/entry_points.txt")]
         assert "rotvq-experiment = rotvq.lab.experiment:main" in zf.read(entry_points).decode()
+        assert "rotvq-study = rotvq.lab.study:main" in zf.read(entry_points).decode()
         (metadata,) = [n for n in wheel_names if n.endswith(".dist-info/METADATA")]
         text = zf.read(metadata).decode()
     requires = [line.split(":", 1)[1].strip() for line in text.splitlines()

@@ -69,6 +69,22 @@ def test_declared_studies_are_the_issue_grid():
     assert {(r.dataset, r.config.estimator) for r in kept} >= {("digits", "ste"), ("patches", "rotation")}
 
 
+def test_studies_pin_every_field():
+    """A study's runs do not depend on TrainConfig's defaults: every field is set."""
+    assert set(S.STUDY_DEFAULTS) == {f.name for f in dataclasses.fields(TrainConfig)}
+    TrainConfig(**S.STUDY_DEFAULTS)  # valid values
+
+
+def test_records_match_their_declaration(repo_root):
+    """Every row of a committed record is a run its study declares (same key)."""
+    for name in S.STUDIES:
+        path = repo_root / "book" / "records" / f"{name}.jsonl"
+        declared = {r.key for r in S.study(name)}
+        rows = S.load_record(path).rows
+        assert rows, f"{path} is missing or empty"
+        assert {r["key"] for r in rows} <= declared
+
+
 def test_init_names_round_trip():
     for name in S.INIT_NAMES:
         assert S.init_name(TrainConfig(**S.init_fields(name, 64), codebook_size=64)) == name
@@ -182,10 +198,10 @@ def test_live_check_reproduces_the_record_and_catches_a_change(tmp_path):
     check = S.check_live(record, keys, 3, ("recon_loss", "perplexity"))
     assert check.ok and check.worst() == 0.0  # the same machine reproduces the record bitwise
     assert {e["metric"] for e in check.entries} == {"recon_loss", "perplexity"}
-    # a retrained value one seed-spread and a bit away from the record fails
+    # a retrained value just beyond the tolerance fails
     def shifted(row, step):
         values = dict(S.retrain(row, step))
-        values["recon_loss"] += 1.01 * S.seed_range(record, row, "recon_loss", step)
+        values["recon_loss"] += 1.01 * S.tolerance(record, row, "recon_loss", step)
         return values
     broken = S.check_live(record, keys, 3, ("recon_loss",), retrain_fn=shifted)
     assert not broken.ok and len(broken.failures()) == 2
@@ -199,6 +215,20 @@ def test_retrain_refuses_a_row_that_no_longer_matches_its_config(tmp_path):
     row["config"]["lr"] = 0.5
     with pytest.raises(ValueError, match="does not match"):
         S.retrain(row, 3)
+
+
+def test_tolerance_is_never_below_the_resolution_of_usage(tmp_path):
+    record = S.run_study("tiny", tmp_path, runs=tiny_runs(seeds=(0, 1)), progress=False)
+    row = dict(record.rows[0])
+    rows = [json.loads(json.dumps(r)) for r in record.rows]
+    for r in rows:  # every seed used every code: no spread
+        r["test"]["3"]["usage"] = 1.0
+    flat = S.Record(rows)
+    assert S.seed_range(flat, rows[0], "usage", 3) == 0.0
+    assert S.tolerance(flat, rows[0], "usage", 3) == 1 / 8  # one code of K = 8
+    # two seeds: 3.29 standard deviations of a difference of two seeds, sigma = range / 1.128
+    expected = 3.29 * 2 ** 0.5 / 1.128 * S.seed_range(record, row, "recon_loss", 3)
+    assert S.tolerance(record, row, "recon_loss", 3) == pytest.approx(expected)
 
 
 def test_seed_range_needs_two_seeds(tmp_path):

@@ -258,6 +258,8 @@ def _claims_tool(root: Path) -> Any:
 def claim_substitutions(root: Path) -> dict[str, str]:
     """MyST substitutions ``claim_<id>`` and ``verdict_<id>`` from the claim registry.
 
+    ``claims_total``, ``claims_<verdict>`` and ``claims_notes`` count the registry's entries
+    (all of them, by verdict, and those about the derivation notes), for the introduction.
     ``claim_<id>`` is the claim as the registry states it; ``verdict_<id>`` reads
     "Verdict: **wrong** (registry entry ``id``; {ref}`claim audit <audit-ste>`)", the link
     going to the part of Appendix B that lists the claim with its note and evidence.
@@ -269,7 +271,10 @@ def claim_substitutions(root: Path) -> dict[str, str]:
     tool.BOOK = root / "book"
     claims = tool.load(registry)
     labels = tool.book_labels(root / "book")
-    out = {}
+    out = {"claims_total": str(len(claims))}
+    for verdict in tool.VERDICTS:
+        out[f"claims_{verdict}"] = str(sum(c["verdict"] == verdict for c in claims))
+    out["claims_notes"] = str(sum(c["source"] == "notes" for c in claims))
     for c in claims:
         key = c["id"].replace("-", "_")
         part = tool.part_label(tool.chapter_of(c, labels))

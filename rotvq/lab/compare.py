@@ -76,6 +76,13 @@ class Comparison:
             out[cell.better] += 1
         return {**out, "n": len(self.cells)}
 
+    def summary(self, a_name: str, b_name: str) -> str:
+        """The counts in words: "the rotation trick is better on every seed in 3 of 25
+        configurations, the STE in 19, and neither in 3"."""
+        c = self.counts()
+        return (f"{a_name} is better on every seed in {c['a']} of {c['n']} configurations, "
+                f"{b_name} in {c['b']}, and neither in {c['tie']}")
+
     def where(self, better: str) -> list[dict[str, Any]]:
         """The configurations decided as ``better`` (``"a"``, ``"b"`` or ``"tie"``)."""
         if better not in ("a", "b", "tie"):

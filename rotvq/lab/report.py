@@ -21,7 +21,7 @@ import numpy as np
 from .compare import fmt
 from .study import Record
 
-__all__ = ["markdown_table", "seed_summary", "curves", "LABELS"]
+__all__ = ["markdown_table", "seed_summary", "curves", "comparison_table", "config_label", "label", "LABELS"]
 
 #: How the chapters name fields and values.
 LABELS = {
@@ -38,6 +38,44 @@ def label(field: str, value: Any) -> str:
     if field == "gamma":
         return {0.25: "1/4"}.get(value, f"{value:g}")
     return LABELS.get(field, {}).get(value, str(value))
+
+
+MODELS = {"digits": "digits MLP", "patches": "patches conv"}
+
+
+def config_label(config: Mapping[str, Any]) -> str:
+    """A configuration named in words: ``"patches conv, d = 32, k-means codes, γ = 1/4"``."""
+    parts = []
+    if "dataset" in config:
+        parts.append(MODELS.get(config["dataset"], config["dataset"]))
+    if "latent_dim" in config:
+        parts.append(f"d = {config['latent_dim']}")
+    if "init_name" in config:
+        parts.append(label("init_name", config["init_name"]))
+    if "gamma" in config:
+        parts.append(f"γ = {label('gamma', config['gamma'])}")
+    for key, value in config.items():
+        if key not in ("dataset", "latent_dim", "init_name", "gamma"):
+            parts.append(f"{key} = {value}")
+    return ", ".join(parts)
+
+
+def comparison_table(comparison, a_name: str, b_name: str) -> str:
+    """A pipe table of a :class:`rotvq.lab.compare.Comparison`: one row per configuration
+    with both arms' seed means, the paired relative difference over seeds and which arm is
+    better on every seed (``—`` where neither is)."""
+    fields = comparison.over
+    headers = {"dataset": "model", "latent_dim": "d", "init_name": "codes", "gamma": "γ"}
+    columns = {f: headers.get(f, f) for f in fields}
+    columns.update(a=a_name, b=b_name, diff=f"{a_name} vs {b_name}, per seed", better="better on every seed")
+    rows = []
+    for row, cell in zip(comparison.rows(), comparison.cells):
+        out = {f: label(f, cell.config[f]) if f != "dataset" else MODELS.get(cell.config[f], cell.config[f])
+               for f in fields}
+        out.update(a=row["a"], b=row["b"], diff=row["diff"],
+                   better={"a": a_name, "b": b_name, "tie": "—"}[cell.better])
+        rows.append(out)
+    return markdown_table(rows, columns)
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Mapping[str, str]) -> str:

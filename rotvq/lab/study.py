@@ -65,7 +65,7 @@ from . import datasets
 from .training import METRICS, TrainConfig, build_model, check_field, evaluate, field_type, train
 
 __all__ = ["Run", "Record", "STUDIES", "study", "run_study", "load_record", "retrain",
-           "check_live", "LiveCheck", "CURVE_METRICS", "machine", "main"]
+           "check_live", "LiveCheck", "seed_range", "tolerance", "resolution", "CURVE_METRICS", "machine", "main"]
 
 #: Training-batch metrics whose block means are kept as curves.
 CURVE_METRICS = ("recon_loss", "codebook_loss", "usage", "perplexity", "z_norm", "q_norm")
@@ -109,11 +109,23 @@ class Run:
         return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
+#: The value of every TrainConfig field that a study does not set itself, written out: a
+#: study's runs (and so its record's keys) must not change when a default of TrainConfig
+#: does (a new field needs an entry here, with the value that leaves old runs unchanged).
+STUDY_DEFAULTS: dict[str, Any] = dict(
+    steps=2000, batch_size=128, lr=1e-3, optimizer="adam", weight_decay=0.0, grad_clip=None,
+    seed=0, device="cpu", log_every=100, estimator="rotation", distance="euclidean",
+    init="normal", init_scale=1.0, beta=1.0, gamma=0.25, ema=False, decay=0.99,
+    dead_code_threshold=0.0, model="mlp", hidden=128, latent_dim=8, codebook_size=64,
+    num_latents=4, downsamples=1, encoder_scale=1.0, encoder_norm=None)
+
+
 def _configs(base: Mapping[str, Any], axes: Mapping[str, Sequence[Any]]) -> list[TrainConfig]:
-    """Every combination of ``axes`` over ``base`` (seed innermost, as the experiment CLI)."""
+    """Every combination of ``axes`` over :data:`STUDY_DEFAULTS` updated with ``base``
+    (seed innermost, as the experiment CLI)."""
     from .experiment import expand_grid  # the CLI's grid order, one definition
 
-    return expand_grid({k: list(v) for k, v in axes.items()}, TrainConfig(**base))
+    return expand_grid({k: list(v) for k, v in axes.items()}, TrainConfig(**{**STUDY_DEFAULTS, **base}))
 
 
 # ----------------------------------------------------------------------------------------
@@ -547,8 +559,9 @@ class LiveCheck:
         return [e for e in self.entries if not e["ok"]]
 
     def worst(self) -> float:
-        """The largest ``|live - record| / tolerance``."""
-        return max(abs(e["live"] - e["record"]) / e["tolerance"] for e in self.entries)
+        """The largest ``|live - record| / tolerance`` (0 where both are 0)."""
+        return max((abs(e["live"] - e["record"]) / e["tolerance"] if e["tolerance"] else
+                    (0.0 if e["live"] == e["record"] else math.inf)) for e in self.entries)
 
 
 def seed_range(record: Record, row: Mapping[str, Any], metric: str, step: int) -> float:
@@ -562,16 +575,52 @@ def seed_range(record: Record, row: Mapping[str, Any], metric: str, step: int) -
     return float(np.nanmax(values) - np.nanmin(values))
 
 
+def resolution(metric: str, config: Mapping[str, Any]) -> float:
+    """The smallest change a metric can show: ``1 / K`` for ``usage`` (a count of codes over
+    ``K``), 0 for the continuous metrics."""
+    return 1.0 / config["codebook_size"] if metric == "usage" else 0.0
+
+
+#: Expected range of n independent standard normal draws (the d2 constants of quality
+#: control): the seed spread of n runs is about ``RANGE_OF_NORMALS[n]`` standard deviations.
+RANGE_OF_NORMALS = {2: 1.128, 3: 1.693, 4: 2.059, 5: 2.326, 6: 2.534, 7: 2.704, 8: 2.847,
+                    9: 2.970, 10: 3.078}
+#: Two-sided normal quantile of the live check: a false alarm on one metric has probability
+#: about 0.1 % when the rerun is as different as another seed.
+LIVE_Z = 3.29
+
+
+def tolerance(record: Record, row: Mapping[str, Any], metric: str, step: int) -> float:
+    """How far a live rerun of ``row`` may land from its recorded value.
+
+    The worst case the check allows for: another CPU changes the rounding from the first
+    step, and training carries that change until the rerun is as different from the record
+    as a run from another seed.  The difference of two independent seeds has standard
+    deviation ``sqrt(2) * sigma``; ``sigma`` is estimated from the record's spread over the
+    ``n`` seeds of the configuration (:func:`seed_range`) as ``range / d_n``
+    (:data:`RANGE_OF_NORMALS`); the tolerance is :data:`LIVE_Z` such standard deviations,
+    ``3.29 * sqrt(2) / d_n * range`` (2.0 ranges for five seeds, 2.7 for three), and never
+    less than the metric's :func:`resolution` (where every seed used every code, the spread
+    of ``usage`` is 0, yet one code more or less is the smallest difference a rerun shows).
+    """
+    fixed = {k: v for k, v in row["config"].items() if k != "seed"}
+    n = len(record.values(metric, step, dataset=row["dataset"], **fixed))
+    if n not in RANGE_OF_NORMALS:
+        raise ValueError(f"a tolerance needs 2 to 10 recorded seeds, the configuration has {n}")
+    spread = seed_range(record, row, metric, step)
+    return max(LIVE_Z * math.sqrt(2.0) / RANGE_OF_NORMALS[n] * spread, resolution(metric, row["config"]))
+
+
 def check_live(record: Record, keys: Sequence[str], step: int, metrics: Sequence[str], *,
                retrain_fn: Callable[[Mapping[str, Any], int], Mapping[str, float]] = retrain,
                labels: Mapping[str, str] | None = None) -> LiveCheck:
     """Retrain the recorded runs ``keys`` for ``step`` steps here and compare each metric
     with the record.
 
-    The tolerance of a metric is the record's spread over seeds of that run's configuration
-    (:func:`seed_range`): a rerun on other hardware starts from the same seed, and its
-    rounding differences may grow during training, at most, one assumes, into the
-    difference between two seeds.  A changed estimator or training loop moves a run by
+    The tolerance of a metric is set by the record's spread over the seeds of that run's
+    configuration (:func:`tolerance`): a rerun on other hardware starts from the same
+    seed, and its rounding differences may grow during training, at most, one assumes,
+    until it differs from the record as a run from another seed would.  A changed estimator or training loop moves a run by
     more than that wherever the estimators differ by more than their seed spread.
     """
     by_key = record.by_key()
@@ -581,10 +630,10 @@ def check_live(record: Record, keys: Sequence[str], step: int, metrics: Sequence
         live = retrain_fn(row, step)
         for metric in metrics:
             recorded = row["test"][str(step)][metric]
-            tolerance = seed_range(record, row, metric, step)
+            allowed = tolerance(record, row, metric, step)
             entries.append({"key": key, "label": (labels or {}).get(key, key), "metric": metric,
-                            "record": recorded, "live": float(live[metric]), "tolerance": tolerance,
-                            "ok": abs(float(live[metric]) - recorded) <= tolerance})
+                            "record": recorded, "live": float(live[metric]), "tolerance": allowed,
+                            "ok": abs(float(live[metric]) - recorded) <= allowed})
     return LiveCheck(entries)
 
 
