@@ -10,11 +10,16 @@ the same shapes whatever its data. A bad (non-finite) batch gates every update.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as D_
+from ._checks import at_least_float32, compiling, generator_device
+from ._steps import raise_if_bad
+from .kmeans import kmeans
 
 __all__ = ["CodebookState", "DEAD_CODE_PATIENCE", "compiling"]
 
@@ -25,12 +30,6 @@ DEAD_CODE_PATIENCE = 16
 CANDIDATE_POOL = 8192
 
 _EXTRA = 5  # packed statistics after the K counts: n, sum|z|, sum|q|, sum|z - q|^2, non-finite rows
-
-
-def compiling() -> bool:
-    """True while ``torch.compile`` traces (``torch.compiler.is_compiling``; False on old torch)."""
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(is_compiling()) if is_compiling is not None else False
 
 
 class _Stats:
@@ -107,6 +106,50 @@ class CodebookState:
         if self.ema:
             self.embed_sum.copy_(self.embedding)
         self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def _setup(self, flat_z: torch.Tensor, real: torch.Tensor | None, bad: torch.Tensor, group,
+               lead: torch.Size) -> None:
+        """First training call: one broadcast of the state, then the k-means init (all ranks' data).
+
+        The broadcast comes first, so that every rank decides on k-means from rank 0's
+        ``initialized`` flag: a rank resumed from a checkpoint and a fresh one (k-means
+        pending on one rank only) run the same collectives and end with the same state.
+        """
+        for tensor in self._synced_tensors():  # ranks constructed with different seeds agree from here on
+            D_.broadcast_from_first(tensor.data, group)
+        zs = F.normalize(flat_z, dim=1) if self.distance == "cosine" else flat_z
+        if self.init == "kmeans" and not bool(self.initialized):
+            keep = ~bad if real is None else real & ~bad
+            rows = zs[keep]
+            w = D_.world_size(group)
+            per_rank = max(1, math.ceil(self.kmeans_max_points / w))
+            if rows.shape[0] > per_rank:
+                rows = rows[self._sample(rows.shape[0], per_rank, rows.device)]
+            counts = torch.stack([rows.new_tensor(rows.shape[0], dtype=torch.float64),
+                                  bad.sum().to(torch.float64)])
+            D_.all_reduce_sum(counts, group)
+            raise_if_bad(counts[1], bad, lead)
+            if int(counts[0].item()) == 0:
+                return  # no data anywhere yet: stay uninitialised, try again next call
+            acc = at_least_float32(rows.dtype)
+            padded = rows.new_zeros(per_rank, self.dim, dtype=acc)
+            padded[:rows.shape[0]] = rows.to(acc)
+            valid = torch.arange(per_rank, device=rows.device) < rows.shape[0]
+            pool = D_.all_gather_rows(torch.cat([padded, valid.to(acc)[:, None]], 1), group)
+            pool, pool_valid = pool[:, :-1], pool[:, -1] > 0  # rank 0's rows, then rank 1's, ...
+            centroids = torch.empty(self.codebook_size, self.dim, dtype=acc, device=rows.device)
+            if group is None or torch.distributed.get_rank(group) == 0:
+                centroids, _ = kmeans(pool[pool_valid], self.codebook_size, iters=self.kmeans_iters,
+                                      generator=self.generator, memory_budget=self.memory_budget,
+                                      distance=self.distance)
+            self._load_codes(D_.broadcast_from_first(centroids.contiguous(), group))
+        self._needs_setup = False
+
+    def _sample(self, n: int, m: int, device: torch.device) -> torch.Tensor:
+        """``m <= n`` distinct row indices in ``[0, n)``, drawn with the layer's generator."""
+        dev = generator_device(self.generator, device)
+        return torch.randperm(n, generator=self.generator, device=dev)[:m].to(device)
 
     def _statistics(self, z_norm_rows: torch.Tensor, err_rows: torch.Tensor, zs: torch.Tensor,
                     table: torch.Tensor, indices: torch.Tensor, w: torch.Tensor | None, bad: torch.Tensor,

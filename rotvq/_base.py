@@ -1,0 +1,107 @@
+"""What every rotvq quantizer shares around its algorithm: layout in, rows, layout out.
+
+:class:`QuantizerBase` is the common ``forward``: validate the input and the mask and
+flatten them to rows (:mod:`rotvq._layout`), run the quantizer's own
+``quantize_rows(rows, real, lead) -> Rows``, and put the result back in the input's
+layout. A quantizer (:class:`rotvq.VectorQuantizer`, :class:`rotvq.ResidualVQ`, ...)
+implements only ``quantize_rows`` and ``_codes_rows`` (codes from indices), so each reads
+as its algorithm, and a wrapper (residual stages, groups, a projection) calls
+``quantize_rows`` of the quantizers it holds on rows, without a second layout pass.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ._layout import check_indices, check_mask, from_rows, indices_layout, to_rows
+
+__all__ = ["METRIC_NAMES", "Rows", "QuantizerBase", "metrics"]
+
+#: Keys of :meth:`VQOutput.metrics`, in order.
+METRIC_NAMES = ("loss", "codebook_loss", "commitment_loss", "usage", "perplexity", "z_norm", "q_norm",
+                "quantization_error")
+
+
+class Rows(NamedTuple):
+    """What ``quantize_rows`` returns, on rows (N = rows of the call, C = the quantizer's dim)."""
+
+    z_q: torch.Tensor  # (N, C) the estimator's output; forward value == q bitwise
+    q: torch.Tensor  # (N, C) the codes, in the input dtype, without a graph
+    indices: torch.Tensor  # (N, *index axes) int64
+    loss: torch.Tensor  # () and the other scalars of VQOutput, in the order of METRIC_NAMES
+    codebook_loss: torch.Tensor
+    commitment_loss: torch.Tensor
+    usage: torch.Tensor
+    perplexity: torch.Tensor
+    z_norm: torch.Tensor
+    q_norm: torch.Tensor
+    quantization_error: torch.Tensor
+    extra: object = None  # a quantizer's own per-call results (e.g. the residual stages)
+
+    def scalars(self) -> tuple[torch.Tensor, ...]:
+        """The eight scalars, in the order of :data:`METRIC_NAMES`."""
+        return tuple(getattr(self, name) for name in METRIC_NAMES)
+
+
+def metrics(output) -> dict[str, float]:
+    """An output's scalar fields :data:`METRIC_NAMES` as python floats, in one host transfer."""
+    values = torch.stack([getattr(output, name).detach().double() for name in METRIC_NAMES]).tolist()
+    return dict(zip(METRIC_NAMES, values))
+
+
+class QuantizerBase(nn.Module):
+    """Layout handling shared by the quantizers (abstract: subclasses set ``dim``, ``channel_first``
+    and implement ``quantize_rows``, ``_codes_rows``, ``_make_output`` and ``_index_sizes``)."""
+
+    dim: int
+    channel_first: bool | None
+
+    def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None):
+        flat, cf, lead = to_rows(z, self.dim, self.channel_first, type(self).__name__)  # (N, D)
+        self._check_device(z)
+        real = check_mask(mask, lead, z)  # (N,) bool or None
+        rows = self.quantize_rows(flat, real, lead)
+        quantized = from_rows(rows.z_q, cf, lead)
+        indices = rows.indices.reshape(tuple(lead) + tuple(rows.indices.shape[1:]))
+        return self._make_output(quantized, indices, rows, cf, lead)
+
+    def quantize_rows(self, flat: torch.Tensor, real: torch.Tensor | None, lead: torch.Size) -> Rows:
+        """Quantise rows ``(N, D)`` (``real``: ``(N,)`` bool or ``None``; ``lead``: the input's leading
+        shape, for error messages)."""
+        raise NotImplementedError
+
+    def _make_output(self, quantized, indices, rows: Rows, cf: bool, lead: torch.Size):
+        raise NotImplementedError
+
+    def _check_device(self, z: torch.Tensor) -> None:
+        """Raise before anything else when ``z`` is on another device than the state (default: no state)."""
+
+    def _index_sizes(self) -> tuple[int, ...]:
+        """``(K, *trailing index axes)``: the range of an index and the axes an index tensor ends with."""
+        raise NotImplementedError
+
+    def _codes_rows(self, indices: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        """Codes ``(..., C)`` of validated indices ``(..., *index axes)`` (``-1``: no code, zeros)."""
+        raise NotImplementedError
+
+    def _allows_missing(self) -> bool:
+        """Whether ``-1`` ("no code") is a valid index (default: no)."""
+        return False
+
+    def get_codes_from_indices(self, indices: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The codes of ``indices`` in the quantizer's layout: the ``quantized`` of an eval-mode call.
+
+        Args:
+            indices: int64 or int32, the ``indices`` of an output.
+            dtype: output dtype (default: the codebook's); pass the input's dtype to get, in eval
+                mode, exactly the ``quantized`` of the call that produced ``indices`` (bitwise).
+
+        Returns:
+            ``(B, D, *spatial)`` with ``channel_first=True``, else ``(..., D)``.
+        """
+        sizes = self._index_sizes()
+        indices = check_indices(indices, sizes, self._allows_missing())
+        codes = self._codes_rows(indices, dtype)  # (..., D)
+        return indices_layout(codes, self.channel_first, indices.dim() - (len(sizes) - 1))
