@@ -34,6 +34,7 @@ from .operators import (
 from .backend import BACKENDS, get_backend, set_backend
 from .kmeans import kmeans, kmeans_plusplus
 from .quantizer import INITS, METRIC_NAMES, VectorQuantizer, VQOutput
+from .residual import ESTIMATOR_SCOPES, ResidualVQ, RVQOutput
 from .search import DISTANCES, nearest_code
 
 __version__ = "0.1.0"
@@ -69,6 +70,9 @@ __all__ = [
     "Householder",
     "VectorQuantizer",
     "VQOutput",
+    "ResidualVQ",
+    "RVQOutput",
+    "ESTIMATOR_SCOPES",
     "METRIC_NAMES",
     "set_backend",
     "get_backend",
