@@ -35,6 +35,8 @@ from .backend import BACKENDS, get_backend, set_backend
 from .kmeans import kmeans, kmeans_plusplus
 from .quantizer import INITS, METRIC_NAMES, VectorQuantizer, VQOutput
 from .residual import ESTIMATOR_SCOPES, ResidualVQ, RVQOutput
+from .grouped import GroupedOutput, GroupedVQ
+from .projected import Projected
 from .search import DISTANCES, nearest_code
 
 __version__ = "0.1.0"
@@ -73,6 +75,9 @@ __all__ = [
     "ResidualVQ",
     "RVQOutput",
     "ESTIMATOR_SCOPES",
+    "GroupedVQ",
+    "GroupedOutput",
+    "Projected",
     "METRIC_NAMES",
     "set_backend",
     "get_backend",

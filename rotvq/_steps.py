@@ -12,16 +12,18 @@ for all of them live here:
   see :mod:`rotvq.quantizer`), means over the ``N D`` entries of the real rows;
 * :func:`code_usage` -- usage and perplexity of a histogram of codes;
 * :func:`raise_if_bad` -- the ``ValueError`` for non-finite rows, after the counts were summed
-  over ranks so that every rank raises together.
+  over ranks so that every rank raises together;
+* :func:`row_means` -- means of per-row statistics over the real rows of every rank.
 """
 from __future__ import annotations
 
 import torch
 
+from . import distributed as D_
 from ._checks import compiling
 from .estimators import _apply_with_error
 
-__all__ = ["check_rows", "estimate", "vq_losses", "code_usage", "raise_if_bad"]
+__all__ = ["check_rows", "estimate", "vq_losses", "code_usage", "raise_if_bad", "row_means"]
 
 
 def check_rows(flat: torch.Tensor, real: torch.Tensor | None, acc: torch.dtype
@@ -138,3 +140,19 @@ def raise_if_bad(bad_global: torch.Tensor, bad: torch.Tensor, lead: torch.Size) 
         raise ValueError(f"input has {local} row(s) with NaN or inf (first at leading index {where}); "
                          "nothing was updated")
     raise ValueError(f"another rank's input has NaN or inf in {total} row(s); nothing was updated")
+
+
+def row_means(columns: torch.Tensor, real: torch.Tensor | None, group) -> torch.Tensor:
+    """Means over the real rows of every rank of per-row statistics ``columns (N, C)`` (one ``all_reduce``).
+
+    Masked rows may hold anything (NaN too): they are selected out, never multiplied. Returns ``(C,)``;
+    0 for a batch without real rows.
+    """
+    with torch.no_grad():
+        ones = torch.ones(columns.shape[0], 1, dtype=columns.dtype, device=columns.device)
+        if real is not None:
+            columns = torch.where(real[:, None], columns, torch.zeros_like(columns))
+            ones = real.to(columns.dtype)[:, None]
+        sums = torch.cat([ones, columns], 1).sum(0)  # (1 + C,) n, then the sums
+        D_.all_reduce_sum(sums, group)
+        return sums[1:] / sums[0].clamp_min(1)

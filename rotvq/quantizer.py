@@ -291,7 +291,7 @@ class VectorQuantizer(CodebookState, QuantizerBase):
         Returns:
             :class:`rotvq._base.Rows`: ``z_q`` and ``q`` ``(N, D)``, ``indices`` ``(N,)``, the scalars.
         """
-        group = D_.resolve_group(self.sync, self.process_group) if self.training else None
+        group = self._group()
         acc = at_least_float32(torch.promote_types(self.embedding.dtype, flat.dtype))
         z_norm_rows, bad = check_rows(flat, real, acc)  # (N,) norms reused by the statistics, (N,) NaN/inf
         if self.training and self._needs_setup:
@@ -328,6 +328,10 @@ class VectorQuantizer(CodebookState, QuantizerBase):
                 self._update(counts, n, sums, stats, zs.detach(), codes.detach(), real, group)
         return Rows(z_q, q, indices, loss, codebook_loss, commitment_loss, usage, perplexity, z_norm, q_norm,
                     quantization_error)
+
+    def _group(self):
+        """The process group this training call synchronises over (``None``: none, and in eval mode)."""
+        return D_.resolve_group(self.sync, self.process_group) if self.training else None
 
     def _make_output(self, quantized, indices, rows: Rows, cf: bool, lead: torch.Size) -> VQOutput:
         return VQOutput(quantized, indices, *rows.scalars())

@@ -67,12 +67,11 @@ from typing import NamedTuple
 
 import torch
 
-from . import distributed as D_
 from ._base import QuantizerBase, Rows, metrics
 from ._checks import at_least_float32, check_nonnegative_int, check_positive_int
 from ._layout import from_rows
 from ._setup import SetupState
-from ._steps import estimate
+from ._steps import estimate, row_means
 from .quantizer import VectorQuantizer, VQOutput
 
 __all__ = ["ResidualVQ", "RVQOutput", "ESTIMATOR_SCOPES"]
@@ -176,8 +175,7 @@ class ResidualVQ(SetupState, QuantizerBase):
         return torch.stack([stage.codes().detach() for stage in self.stages])
 
     def _group(self):
-        first = self.layers[0]
-        return D_.resolve_group(first.sync, first.process_group) if self.training else None
+        return self.layers[0]._group()
 
     def _synced_tensors(self) -> list[torch.Tensor]:
         return [self.dropout_step]
@@ -234,7 +232,8 @@ class ResidualVQ(SetupState, QuantizerBase):
         loss, codebook_loss, commitment_loss = (sum(getattr(r, name) for r in stage_rows)
                                                 for name in ("loss", "codebook_loss", "commitment_loss"))
         usage, perplexity = _mean_over_used([r.usage for r in stage_rows], [r.perplexity for r in stage_rows], active)
-        q_norm, quantization_error = _global_means(q, err_rows, real, acc, group)
+        q_norm, quantization_error = row_means(
+            torch.stack([torch.linalg.vector_norm(q.detach().to(acc), dim=1), err_rows.to(acc)], 1), real, group)
         z_norm = stage_rows[0].z_norm  # stage 1 quantises z itself
         return Rows(z_q, q, indices, loss, codebook_loss, commitment_loss, usage, perplexity, z_norm, q_norm,
                     quantization_error, extra=stage_rows)
@@ -282,21 +281,6 @@ def _mean_over_used(usage: list, perplexity: list, active: torch.Tensor | None) 
         return u.mean(), p.mean()
     w = active.to(u.dtype)
     return (u * w).sum() / w.sum(), (p * w).sum() / w.sum()
-
-
-def _global_means(q: torch.Tensor, err_rows: torch.Tensor, real: torch.Tensor | None, acc: torch.dtype,
-                  group) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean ``|q|`` and ``|z - q|^2`` over the real rows of every rank (one ``all_reduce``)."""
-    with torch.no_grad():
-        per_row = torch.stack([torch.linalg.vector_norm(q.to(acc), dim=1), err_rows.to(acc)], 1)  # (N, 2)
-        ones = torch.ones(q.shape[0], 1, dtype=acc, device=q.device)
-        if real is not None:  # masked rows may hold anything (NaN too): select, never multiply
-            per_row = torch.where(real[:, None], per_row, torch.zeros_like(per_row))
-            ones = real.to(acc)[:, None]
-        sums = torch.cat([ones, per_row], 1).sum(0)  # (3,) n, sum|q|, sum|z - q|^2
-        D_.all_reduce_sum(sums, group)
-        n = sums[0].clamp_min(1)
-        return sums[1] / n, sums[2] / n
 
 
 def _mul32(x: torch.Tensor, m: int) -> torch.Tensor:

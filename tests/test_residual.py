@@ -294,6 +294,8 @@ RANK_SCENARIOS = {
     "shared_ema": dict(shared_codebook=True, ema=True, init="kmeans", dead_code_threshold=None),
     "dropout_stage": dict(quantize_dropout=True, seed=3, estimator_scope="stage", ema=True, init="normal",
                           dead_code_threshold=0.5, decay=0.5),
+    # GroupedVQ of residual groups (D = 3 channels as 3 groups of 1), quantize dropout in every group
+    "grouped": dict(groups=3, quantize_dropout=True, seed=1, init="kmeans", dead_code_threshold=None),
 }
 
 
@@ -308,7 +310,18 @@ def _rank_batches(world=2, steps=4):
 
 
 def _make_rvq(name, seed):
-    return ResidualVQ(D, K, Q, channel_first=False, generator=gen(seed), **RANK_SCENARIOS[name]).train()
+    kw = dict(RANK_SCENARIOS[name])
+    if "groups" in kw:
+        return rotvq.GroupedVQ(D, K, kw.pop("groups"), num_quantizers=Q, channel_first=False, generator=gen(seed),
+                               **kw).train()
+    return ResidualVQ(D, K, Q, channel_first=False, generator=gen(seed), **kw).train()
+
+
+def _resume_counter(module):
+    """Rank 0 resumes a dropout counter (5 training calls); the first training call broadcasts it."""
+    for m in module.modules():
+        if isinstance(m, ResidualVQ):
+            m.dropout_step.fill_(5)
 
 
 def _rvq_worker(rank: int, world: int, port: int, backend: str, out_path: str) -> None:
@@ -318,8 +331,8 @@ def _rvq_worker(rank: int, world: int, port: int, backend: str, out_path: str) -
     try:
         for name in RANK_SCENARIOS:
             rvq = _make_rvq(name, seed=rank)  # different seeds: the first training call syncs them
-            if rank == 0:  # rank 0 resumes a dropout counter; the first call broadcasts it
-                rvq.dropout_step.fill_(5)
+            if rank == 0:
+                _resume_counter(rvq)
             results[name] = []
             for xs, masks in _rank_batches(world):
                 out = rvq(xs[rank], mask=masks[rank])
@@ -341,7 +354,7 @@ def rvq_ranks(tmp_path_factory):
 @pytest.mark.parametrize("name", list(RANK_SCENARIOS))
 def test_ranks_identical_and_equal_to_one_process(rvq_ranks, name):
     ref = _make_rvq(name, seed=0)
-    ref.dropout_step.fill_(5)
+    _resume_counter(ref)
     for step, ((xs, masks), (s0, r0), (s1, r1)) in enumerate(zip(_rank_batches(), rvq_ranks[0][name],
                                                                  rvq_ranks[1][name])):
         out = ref(torch.cat([x[m] for x, m in zip(xs, masks)]))
