@@ -37,6 +37,7 @@ from .quantizer import INITS, METRIC_NAMES, VectorQuantizer, VQOutput
 from .residual import ESTIMATOR_SCOPES, ResidualVQ, RVQOutput
 from .grouped import GroupedOutput, GroupedVQ
 from .projected import Projected
+from .fsq import FSQ
 from .search import DISTANCES, nearest_code
 
 __version__ = "0.1.0"
@@ -78,6 +79,7 @@ __all__ = [
     "GroupedVQ",
     "GroupedOutput",
     "Projected",
+    "FSQ",
     "METRIC_NAMES",
     "set_backend",
     "get_backend",

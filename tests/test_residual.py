@@ -296,6 +296,7 @@ RANK_SCENARIOS = {
                           dead_code_threshold=0.5, decay=0.5),
     # GroupedVQ of residual groups (D = 3 channels as 3 groups of 1), quantize dropout in every group
     "grouped": dict(groups=3, quantize_dropout=True, seed=1, init="kmeans", dead_code_threshold=None),
+    "fsq": dict(levels=(5, 4, 3)),  # no state: the code counts (usage) are global
 }
 
 
@@ -311,6 +312,8 @@ def _rank_batches(world=2, steps=4):
 
 def _make_rvq(name, seed):
     kw = dict(RANK_SCENARIOS[name])
+    if "levels" in kw:
+        return rotvq.FSQ(kw["levels"], channel_first=False).train()
     if "groups" in kw:
         return rotvq.GroupedVQ(D, K, kw.pop("groups"), num_quantizers=Q, channel_first=False, generator=gen(seed),
                                **kw).train()
