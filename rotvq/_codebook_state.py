@@ -1,8 +1,9 @@
 """The state of a VQ codebook and its training-mode update (EMA, dead codes), with fixed shapes.
 
 Private helper of :mod:`rotvq.quantizer`: :class:`CodebookState` is the part of
-:class:`rotvq.VectorQuantizer` that owns the codebook, its buffers and their
-update. Everything after initialisation uses only fixed-shape tensor operations
+:class:`rotvq.VectorQuantizer` that owns the codebook, its buffers, their one-time setup
+(state broadcast and k-means init, run through :mod:`rotvq._setup`) and their
+update. Everything after the setup uses only fixed-shape tensor operations
 (``index_add_``, ``torch.where``, ``topk``, ``argsort``): no ``.item()``, no
 ``torch.unique``, no data-dependent shapes, so a training step compiles with
 ``torch.compile(fullgraph=True)``, and every rank runs the same collectives with
@@ -18,6 +19,7 @@ from torch import nn
 
 from . import distributed as D_
 from ._checks import at_least_float32, compiling, generator_device
+from ._setup import SetupState
 from ._steps import raise_if_bad
 from .kmeans import kmeans
 
@@ -54,7 +56,7 @@ class _Stats:
         return tuple(self.packed[self.k + i] / n for i in (1, 2, 3))
 
 
-class CodebookState:
+class CodebookState(SetupState):
     """Codebook, buffers and training-mode update of :class:`rotvq.VectorQuantizer` (mixin)."""
 
     def _init_state(self) -> None:
@@ -74,8 +76,7 @@ class CodebookState:
         self.register_buffer("cluster_size", torch.ones(k))  # EMA of per-batch counts
         self.register_buffer("unused_for", torch.zeros(k))  # vectors (all ranks) since last chosen
         self.register_buffer("initialized", torch.tensor(self.init != "kmeans"))
-        self._needs_setup = True  # first training call: k-means init and one state broadcast
-        self.register_load_state_dict_post_hook(_after_load)
+        self._init_setup()  # first training call (and after a load): one state broadcast, k-means init
 
     @property
     def codebook(self) -> torch.Tensor:
@@ -94,32 +95,32 @@ class CodebookState:
         return self.embedding
 
     def _synced_tensors(self) -> list[torch.Tensor]:
-        names = ["embedding", "cluster_size", "unused_for", "initialized"] + (["embed_sum"] if self.ema else [])
-        return [getattr(self, name) for name in names]
+        return [getattr(self, name) for name in self._synced_names()]
 
-    @torch.no_grad()
-    def _load_codes(self, centroids: torch.Tensor) -> None:
-        """Start from ``centroids`` (k-means init): one pseudo-observation per code."""
-        self.embedding.copy_(centroids)
-        self.cluster_size.fill_(1.0)
-        self.unused_for.zero_()
-        if self.ema:
-            self.embed_sum.copy_(self.embedding)
-        self.initialized.fill_(True)
+    def _synced_names(self) -> list[str]:
+        return ["embedding", "cluster_size", "unused_for", "initialized"] + (["embed_sum"] if self.ema else [])
 
-    @torch.no_grad()
     def _setup(self, flat_z: torch.Tensor, real: torch.Tensor | None, bad: torch.Tensor, group,
                lead: torch.Size) -> None:
+        """The pending setup, eagerly and in place (:meth:`_setup_values`)."""
+        self._needs_setup = True
+        self._run_setup(flat_z, real, bad, lead, group)
+
+    @torch.no_grad()
+    def _setup_values(self, state: list[torch.Tensor], flat_z: torch.Tensor, real: torch.Tensor | None,
+                      bad: torch.Tensor, lead: torch.Size | None, group) -> tuple[list[torch.Tensor], bool]:
         """First training call: one broadcast of the state, then the k-means init (all ranks' data).
 
         The broadcast comes first, so that every rank decides on k-means from rank 0's
         ``initialized`` flag: a rank resumed from a checkpoint and a fresh one (k-means
         pending on one rank only) run the same collectives and end with the same state.
+        Returns the new values of ``state`` (:meth:`_synced_tensors`) and whether the setup is
+        done (not when no rank had data for the k-means init yet: it runs again next call).
         """
-        for tensor in self._synced_tensors():  # ranks constructed with different seeds agree from here on
-            D_.broadcast_from_first(tensor.data, group)
+        # ranks constructed with different seeds agree from here on
+        v = {name: D_.broadcast_from_first(t.detach().clone(), group) for name, t in zip(self._synced_names(), state)}
         zs = F.normalize(flat_z, dim=1) if self.distance == "cosine" else flat_z
-        if self.init == "kmeans" and not bool(self.initialized):
+        if self.init == "kmeans" and not bool(v["initialized"]):
             keep = ~bad if real is None else real & ~bad
             rows = zs[keep]
             w = D_.world_size(group)
@@ -131,7 +132,7 @@ class CodebookState:
             D_.all_reduce_sum(counts, group)
             raise_if_bad(counts[1], bad, lead)
             if int(counts[0].item()) == 0:
-                return  # no data anywhere yet: stay uninitialised, try again next call
+                return list(v.values()), False  # no data anywhere yet: stay uninitialised, try again next call
             acc = at_least_float32(rows.dtype)
             padded = rows.new_zeros(per_rank, self.dim, dtype=acc)
             padded[:rows.shape[0]] = rows.to(acc)
@@ -143,8 +144,15 @@ class CodebookState:
                 centroids, _ = kmeans(pool[pool_valid], self.codebook_size, iters=self.kmeans_iters,
                                       generator=self.generator, memory_budget=self.memory_budget,
                                       distance=self.distance)
-            self._load_codes(D_.broadcast_from_first(centroids.contiguous(), group))
-        self._needs_setup = False
+            centroids = D_.broadcast_from_first(centroids.contiguous(), group)
+            # start from the centroids, one pseudo-observation per code
+            v["embedding"] = centroids.to(v["embedding"].dtype)
+            v["cluster_size"] = torch.ones_like(v["cluster_size"])
+            v["unused_for"] = torch.zeros_like(v["unused_for"])
+            v["initialized"] = torch.ones_like(v["initialized"])
+            if self.ema:
+                v["embed_sum"] = v["embedding"].clone()
+        return list(v.values()), True
 
     def _sample(self, n: int, m: int, device: torch.device) -> torch.Tensor:
         """``m <= n`` distinct row indices in ``[0, n)``, drawn with the layer's generator."""
@@ -261,7 +269,3 @@ class CodebookState:
         if prefix + "embedding" in state_dict:
             state_dict.setdefault(prefix + "unused_for", torch.zeros_like(self.unused_for))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-def _after_load(module: CodebookState, incompatible_keys) -> None:
-    module._needs_setup = True  # a loaded state may still wait for its k-means init

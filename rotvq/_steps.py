@@ -116,13 +116,13 @@ def code_usage(counts: torch.Tensor, n: torch.Tensor, acc: torch.dtype) -> tuple
     return usage, perplexity
 
 
-def raise_if_bad(bad_global: torch.Tensor, bad: torch.Tensor, lead: torch.Size) -> None:
+def raise_if_bad(bad_global: torch.Tensor, bad: torch.Tensor, lead: torch.Size | None) -> None:
     """ValueError for non-finite rows (eager only; compiled code gates the updates instead).
 
     Args:
         bad_global: ``()`` the number of non-finite rows summed over the ranks.
         bad: ``(N,)`` this rank's non-finite rows; the message gives the first one's
-            position in the input's leading shape ``lead``.
+            position in the input's leading shape ``lead`` (its row when ``lead`` is ``None``).
     """
     if compiling():
         return
@@ -132,6 +132,8 @@ def raise_if_bad(bad_global: torch.Tensor, bad: torch.Tensor, lead: torch.Size) 
     local = int(bad.sum().item())
     if local:
         first = int(torch.nonzero(bad)[0].item())
+        if lead is None:
+            raise ValueError(f"input has {local} row(s) with NaN or inf (first at row {first}); nothing was updated")
         where = []
         for size in reversed(lead):  # the flat row index as an index into the leading shape
             first, rest = divmod(first, size)

@@ -114,7 +114,7 @@ class FSQ(QuantizerBase):
             q = level / hw  # (N, d) the codes
             indices = ((level.long() + self._levels // 2) * self._basis).sum(1)  # (N,)
         # estimate: z_q = sg[G] u + sg[q - G u] (G = I: the paper's straight-through rounding)
-        z_q, err_rows, _ = estimate(u, q, q, self._op, real, acc)
+        z_q, err_rows, _ = estimate(u, q, q.detach(), self._op, real, acc)  # two tensors: compiles
         with torch.no_grad():
             ones = torch.ones_like(err_rows) if real is None else real.to(acc)
             per_row = torch.stack([z_norm_rows, torch.linalg.vector_norm(q, dim=1), err_rows.detach()], 1)

@@ -8,7 +8,9 @@ straight-through estimator (STE) or one of the Jacobian surrogates of
 :mod:`rotvq.operators`, the rotation trick by default. It keeps its state
 identical on every data-parallel rank (:mod:`rotvq.distributed`), accepts masks of
 padded positions, refuses non-finite batches before they can touch the codebook,
-and compiles with ``torch.compile(fullgraph=True)`` once initialised.
+and compiles with ``torch.compile(fullgraph=True)`` from the first training step, fresh or
+after ``load_state_dict`` (the one-time k-means init runs as an opaque operator inside the
+compiled call: :mod:`rotvq._setup`).
 
 Loss convention. The source text (Su Jianlin, "VQ的旋转技巧", 2024, eq. in
 section 回顾) writes the VQ-VAE loss as::
@@ -294,8 +296,8 @@ class VectorQuantizer(CodebookState, QuantizerBase):
         group = self._group()
         acc = at_least_float32(torch.promote_types(self.embedding.dtype, flat.dtype))
         z_norm_rows, bad = check_rows(flat, real, acc)  # (N,) norms reused by the statistics, (N,) NaN/inf
-        if self.training and self._needs_setup:
-            self._setup(flat.detach(), real, bad, group, lead)  # state broadcast, k-means init
+        if self.training:
+            self._run_setup(flat.detach(), real, bad, lead, group)  # pending: state broadcast, k-means init
 
         # assign: the nearest code (exact; fixed shapes when compiled)
         zg = flat if real is None else torch.where(real[:, None], flat, flat.detach())  # no gradient to padding

@@ -198,7 +198,7 @@ class ResidualVQ(SetupState, QuantizerBase):
         """
         group = self._group()
         if self.training:
-            self._run_setup(group)  # rank 0's dropout counter on every rank
+            self._run_setup(flat, real, None, lead, group)  # pending: rank 0's dropout counter on every rank
         active = self._active(flat.shape[0], flat.device)  # (Q,) bool or None
         residual, q, stage_rows = flat, None, []  # r_0 = z
         for i, stage in enumerate(self.stages):
@@ -214,7 +214,7 @@ class ResidualVQ(SetupState, QuantizerBase):
         if self.estimator_scope == "sum":
             # one estimator on (z, q): z_q = sg[G] z + sg[q - G z], G = G(z, q); backward G^T g
             zg = flat if real is None else torch.where(real[:, None], flat, flat.detach())
-            z_q, err_rows, _ = estimate(zg, q, q, self.layers[0]._op, real, acc)
+            z_q, err_rows, _ = estimate(zg, q, q.detach(), self.layers[0]._op, real, acc)  # two tensors: compiles
             err_rows = err_rows.detach()
         else:
             # one estimator per stage: z_q = sum_i (sg[G_i] r_{i-1} + sg[q_i - G_i r_{i-1}]); backward sum_i G_i^T g
