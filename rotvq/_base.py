@@ -45,6 +45,13 @@ class Rows(NamedTuple):
         return tuple(getattr(self, name) for name in METRIC_NAMES)
 
 
+def _check_bool(name: str, value: object) -> bool:
+    """``value`` if it is a bool, else ``TypeError`` naming ``name``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
 def metrics(output) -> dict[str, float]:
     """An output's scalar fields :data:`METRIC_NAMES` as python floats, in one host transfer."""
     values = torch.stack([getattr(output, name).detach().double() for name in METRIC_NAMES]).tolist()
@@ -57,15 +64,52 @@ class QuantizerBase(nn.Module):
 
     dim: int
     channel_first: bool | None
+    zero_masked: bool = False  # masked positions: quantized 0 and indices -1 (else their code)
 
     def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None):
         flat, cf, lead = to_rows(z, self.dim, self.channel_first, type(self).__name__)  # (N, D)
         self._check_device(z)
         real = check_mask(mask, lead, z)  # (N,) bool or None
         rows = self.quantize_rows(flat, real, lead)
-        quantized = from_rows(rows.z_q, cf, lead)
-        indices = rows.indices.reshape(tuple(lead) + tuple(rows.indices.shape[1:]))
+        z_q, indices = rows.z_q, rows.indices
+        if real is not None and self.zero_masked:  # masked positions: no code
+            z_q = torch.where(real[:, None], z_q, torch.zeros_like(z_q))
+            keep = real.reshape(-1, *([1] * (indices.dim() - 1)))
+            indices = torch.where(keep, indices, torch.full_like(indices, -1))
+        quantized = from_rows(z_q, cf, lead)
+        indices = indices.reshape(tuple(lead) + tuple(indices.shape[1:]))
         return self._make_output(quantized, indices, rows, cf, lead)
+
+    def _leaves(self) -> list:
+        """The codebook quantizers this one holds (the modules with a ``frozen`` state of their own)."""
+        return [m for m in self.modules() if m is not self and "_frozen" in m.__dict__]
+
+    @property
+    def frozen(self) -> bool:
+        """Whether every codebook held is frozen (see :attr:`rotvq.VectorQuantizer.frozen`); setting it
+        freezes or unfreezes them all (an FSQ has none: nothing to freeze)."""
+        return all(m.frozen for m in self._leaves())
+
+    @frozen.setter
+    def frozen(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"frozen must be a bool, got {value!r}")
+        for m in self._leaves():
+            m.frozen = value
+
+    def update(self) -> None:
+        """Apply the updates accumulated by the codebooks held (constructed with ``manual_update=True``);
+        see :meth:`rotvq.VectorQuantizer.update`. Call it on every rank.
+
+        Raises:
+            RuntimeError: no codebook held accumulates its updates.
+        """
+        pending = [m for m in self._leaves() if m.manual_update]
+        if not pending:
+            raise RuntimeError(f"{type(self).__name__}.update() applies the updates accumulated with "
+                               "manual_update=True; no codebook here was constructed with it")
+        for m in pending:
+            m.update()
 
     def quantize_rows(self, flat: torch.Tensor, real: torch.Tensor | None, lead: torch.Size) -> Rows:
         """Quantise rows ``(N, D)`` (``real``: ``(N,)`` bool or ``None``; ``lead``: the input's leading
@@ -87,8 +131,8 @@ class QuantizerBase(nn.Module):
         raise NotImplementedError
 
     def _allows_missing(self) -> bool:
-        """Whether ``-1`` ("no code") is a valid index (default: no)."""
-        return False
+        """Whether ``-1`` ("no code") is a valid index (default: with ``zero_masked``)."""
+        return self.zero_masked
 
     def get_codes_from_indices(self, indices: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The codes of ``indices`` in the quantizer's layout: the ``quantized`` of an eval-mode call.

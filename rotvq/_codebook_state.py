@@ -19,6 +19,7 @@ from torch import nn
 
 from . import distributed as D_
 from ._checks import at_least_float32, compiling, generator_device
+from ._pending import PendingUpdates
 from ._setup import SetupState
 from ._steps import raise_if_bad
 from .kmeans import kmeans
@@ -56,7 +57,7 @@ class _Stats:
         return tuple(self.packed[self.k + i] / n for i in (1, 2, 3))
 
 
-class CodebookState(SetupState):
+class CodebookState(PendingUpdates, SetupState):
     """Codebook, buffers and training-mode update of :class:`rotvq.VectorQuantizer` (mixin)."""
 
     def _init_state(self) -> None:
@@ -77,6 +78,21 @@ class CodebookState(SetupState):
         self.register_buffer("unused_for", torch.zeros(k))  # vectors (all ranks) since last chosen
         self.register_buffer("initialized", torch.tensor(self.init != "kmeans"))
         self._init_setup()  # first training call (and after a load): one state broadcast, k-means init
+
+    @property
+    def frozen(self) -> bool:
+        """Whether the codebook is frozen: training calls change no state (no EMA, dead-code reset, k-means
+        init or statistics buffer) and a learned codebook gets no gradient (``requires_grad=False``, so
+        optimizers skip it; freeze before wrapping the model in DDP). Settable at any time."""
+        return self._frozen
+
+    @frozen.setter
+    def frozen(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"frozen must be a bool, got {value!r}")
+        self._frozen = value
+        if not self.ema:
+            self.embedding.requires_grad_(not value)
 
     @property
     def codebook(self) -> torch.Tensor:
@@ -121,6 +137,8 @@ class CodebookState(SetupState):
         v = {name: D_.broadcast_from_first(t.detach().clone(), group) for name, t in zip(self._synced_names(), state)}
         zs = F.normalize(flat_z, dim=1) if self.distance == "cosine" else flat_z
         if self.init == "kmeans" and not bool(v["initialized"]):
+            if self.frozen:
+                return list(v.values()), False  # a frozen codebook is not initialised; it will be once unfrozen
             keep = ~bad if real is None else real & ~bad
             rows = zs[keep]
             w = D_.world_size(group)
@@ -183,6 +201,10 @@ class CodebookState(SetupState):
                          .reshape(-1))
         return _Stats(torch.cat(parts), k, self.dim)
 
+    def _candidate_rows(self, world: int) -> int:
+        """``M = min(K, max(64, CANDIDATE_POOL // world))``, the candidates one rank offers."""
+        return min(self.codebook_size, max(64, CANDIDATE_POOL // world))
+
     def _candidates(self, zs: torch.Tensor, codes: torch.Tensor, real: torch.Tensor | None,
                     acc: torch.dtype, world: int) -> torch.Tensor:
         """This rank's M replacement candidates: the rows served worst (largest ``|z - q|^2``).
@@ -196,7 +218,7 @@ class CodebookState(SetupState):
         replacements as one process with the whole batch (up to exact ties, and for
         the first M dead codes of a step).
         """
-        k = min(self.codebook_size, max(64, CANDIDATE_POOL // world))
+        k = self._candidate_rows(world)
         rows = zs.to(acc)  # (N, D)
         err = (rows - codes.to(acc)).pow(2).sum(1)  # (N,)
         neg = torch.full_like(err, -torch.inf)
@@ -220,16 +242,36 @@ class CodebookState(SetupState):
             return cluster_size < self.dead_code_threshold, unused
         return None, unused
 
+    def _resets(self) -> bool:
+        """Whether dead codes are replaced (the automatic rule, or a threshold > 0)."""
+        return self.dead_code_threshold is None or self.dead_code_threshold > 0
+
     @torch.no_grad()
     def _update(self, counts: torch.Tensor, n: torch.Tensor, sums: torch.Tensor | None, stats: _Stats,
                 zs: torch.Tensor, codes: torch.Tensor, real: torch.Tensor | None, group) -> None:
-        """Training-mode state update: EMA of cluster sizes (and codebook), dead codes.
+        """Training-mode state update from this batch: now, or (``manual_update``) at :meth:`update`."""
+        if self.frozen:
+            return
+        acc = counts.dtype
+        if self.manual_update:
+            candidates = (self._candidates(zs, codes, real, torch.float64, D_.world_size(group))
+                          if self._resets() else None)
+            self._accumulate(counts, n, sums, stats.bad_global, candidates)
+            return
+        candidates = self._candidates(zs, codes, real, acc, D_.world_size(group)) if self._resets() else None
+        self._apply_update(counts, n, sums, stats.bad_global, candidates, group)
+
+    @torch.no_grad()
+    def _apply_update(self, counts: torch.Tensor, n: torch.Tensor, sums: torch.Tensor | None,
+                      bad_global: torch.Tensor, candidates: torch.Tensor | None, group) -> None:
+        """EMA of cluster sizes (and codebook), dead codes, from global ``counts (K,)``, ``n ()`` and
+        ``sums (K, D)`` (EMA only), and this rank's replacement ``candidates (M, D + 1)``.
 
         Every new value is computed first and written only where the batch was
         good (finite, not empty): ``torch.where`` instead of Python branches.
         """
-        d, acc = self.decay, counts.dtype
-        ok = (stats.bad_global == 0) & (n > 0)
+        d = self.decay
+        ok = (bad_global == 0) & (n > 0)
         cluster = self.cluster_size * d + counts.to(self.cluster_size.dtype) * (1 - d)  # N_k <- d N_k + (1-d) n_k
         emb = self.embedding
         if self.ema:
@@ -242,8 +284,7 @@ class CodebookState(SetupState):
                 emb = F.normalize(emb, dim=1)
         dead, unused = self._dead(counts, n, cluster)
         if dead is not None:
-            pool = D_.all_gather_rows(self._candidates(zs, codes, real, acc, D_.world_size(group)),
-                                      group)  # (W M, D + 1)
+            pool = D_.all_gather_rows(candidates, group)  # (W M, D + 1)
             rows, err = pool[:, :-1], pool[:, -1]
             order = torch.argsort(err, descending=True, stable=True)  # worst served first; padding last
             n_valid = (err > -torch.inf).sum()

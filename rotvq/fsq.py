@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 
 from . import distributed as D_
-from ._base import QuantizerBase, Rows
+from ._base import QuantizerBase, Rows, _check_bool
 from ._checks import at_least_float32
 from ._steps import check_rows, code_usage, estimate, raise_if_bad
 from .operators import JacobianSurrogate
@@ -52,6 +52,7 @@ class FSQ(QuantizerBase):
         sync: in training mode, sum the code counts (usage, perplexity) over the ranks of
             ``process_group`` (there is no state to keep equal).
         process_group: the group to synchronise over (``None``: the default group).
+        zero_masked: masked positions get ``quantized = 0`` and ``indices = -1`` (default: their code).
 
     The output is a :class:`rotvq.VQOutput`: ``quantized`` (input layout, exactly the codes),
     ``indices`` (the input's leading shape, in ``[0, K)``); FSQ has no loss (``loss`` and
@@ -61,7 +62,7 @@ class FSQ(QuantizerBase):
 
     def __init__(self, levels: Sequence[int], *, estimator: str | JacobianSurrogate = "ste",
                  channel_first: bool | None = None, eps: float = 1e-3, sync: bool = True,
-                 process_group=None) -> None:
+                 process_group=None, zero_masked: bool = False) -> None:
         QuantizerBase.__init__(self)
         if isinstance(levels, (str, bytes)) or not hasattr(levels, "__len__") or len(levels) == 0:
             raise TypeError(f"levels must be a non-empty sequence of ints, got {levels!r}")
@@ -75,6 +76,7 @@ class FSQ(QuantizerBase):
         self.estimator, self.levels, self.eps = estimator, tuple(levels), float(eps)
         self.dim, self.codebook_size, self.channel_first = len(levels), math.prod(levels), channel_first
         self.sync, self.process_group = bool(sync), process_group
+        self.zero_masked = _check_bool("zero_masked", zero_masked)
         basis = [1]
         for size in self.levels[:-1]:
             basis.append(basis[-1] * size)
@@ -142,8 +144,9 @@ class FSQ(QuantizerBase):
 
     def _codes_rows(self, indices: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
         acc = torch.float32 if dtype is None else at_least_float32(dtype)
-        digits = (indices.long()[..., None] // self._basis) % self._levels  # (..., d) in [0, L)
+        digits = (indices.long().clamp_min(0)[..., None] // self._basis) % self._levels  # (..., d) in [0, L)
         codes = (digits - self._levels // 2).to(acc) / self._half_width(acc)  # the same division as the forward
+        codes = torch.where((indices >= 0)[..., None], codes, torch.zeros_like(codes))  # -1: no code
         return codes if dtype is None else codes.to(dtype)
 
     def get_codes_from_indices(self, indices: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._base import QuantizerBase, Rows, metrics
+from ._base import QuantizerBase, Rows, _check_bool, metrics
 from ._checks import at_least_float32, check_positive_int
 from ._layout import from_rows
 from ._steps import row_means
@@ -65,6 +65,7 @@ class GroupedVQ(QuantizerBase):
         num_quantizers: Q; 1: each group is a :class:`rotvq.VectorQuantizer`; more: a
             :class:`rotvq.ResidualVQ` of Q stages.
         channel_first: the input layout, as for :class:`rotvq.VectorQuantizer`.
+        zero_masked: masked positions get ``quantized = 0`` and ``indices = -1`` (default: their code).
         **kwargs: passed to every group's quantizer (``estimator``, ``ema``, ``init``, ...;
             with ``num_quantizers > 1`` also :class:`rotvq.ResidualVQ`'s own options).
 
@@ -73,7 +74,8 @@ class GroupedVQ(QuantizerBase):
     """
 
     def __init__(self, dim: int, codebook_size: int, groups: int, *, separate_codebooks: bool = True,
-                 num_quantizers: int = 1, channel_first: bool | None = None, **kwargs) -> None:
+                 num_quantizers: int = 1, channel_first: bool | None = None, zero_masked: bool = False,
+                 **kwargs) -> None:
         QuantizerBase.__init__(self)
         check_positive_int("dim", dim)
         check_positive_int("groups", groups)
@@ -87,6 +89,7 @@ class GroupedVQ(QuantizerBase):
         self.dim, self.codebook_size, self.groups, self.num_quantizers = dim, codebook_size, groups, num_quantizers
         self.separate_codebooks, self.channel_first = separate_codebooks, channel_first
         self.group_dim = dim // groups
+        self.zero_masked = _check_bool("zero_masked", zero_masked)
 
         def make():
             if num_quantizers == 1:
@@ -147,7 +150,7 @@ class GroupedVQ(QuantizerBase):
         return (inner[0], self.groups, *inner[1:])
 
     def _allows_missing(self) -> bool:
-        return self.quantizers[0]._allows_missing()
+        return self.zero_masked or self.quantizers[0]._allows_missing()
 
     def _codes_rows(self, indices: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
         group_axis = indices.dim() - (len(self._index_sizes()) - 1)  # after the positions' axes

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._base import QuantizerBase, Rows
+from ._base import QuantizerBase, Rows, _check_bool
 from ._checks import check_positive_int
 
 __all__ = ["Projected"]
@@ -34,6 +34,7 @@ class Projected(QuantizerBase):
         dim: D, the channels of the input and of ``quantized``.
         channel_first: the input layout, as for :class:`rotvq.VectorQuantizer`.
         bias: whether the projections have a bias.
+        zero_masked: masked positions get ``quantized = 0`` and ``indices = -1`` (default: their code).
 
     The output is the inner quantizer's output type with ``quantized`` projected out (input
     layout, ``(..., D)``); ``indices``, losses and statistics are the inner quantizer's, in the
@@ -41,7 +42,7 @@ class Projected(QuantizerBase):
     """
 
     def __init__(self, quantizer: QuantizerBase, dim: int, *, channel_first: bool | None = None,
-                 bias: bool = True) -> None:
+                 bias: bool = True, zero_masked: bool = False) -> None:
         QuantizerBase.__init__(self)
         if not isinstance(quantizer, QuantizerBase):
             raise TypeError(f"quantizer must be a rotvq quantizer, got {type(quantizer).__name__}")
@@ -53,6 +54,7 @@ class Projected(QuantizerBase):
         if channel_first not in (None, True, False):
             raise TypeError(f"channel_first must be True, False or None, got {channel_first!r}")
         self.quantizer, self.dim, self.channel_first = quantizer, dim, channel_first
+        self.zero_masked = _check_bool("zero_masked", zero_masked)
         self.project_in = nn.Linear(dim, quantizer.dim, bias=bias)
         self.project_out = nn.Linear(quantizer.dim, dim, bias=bias)
 
@@ -83,11 +85,14 @@ class Projected(QuantizerBase):
         return self.quantizer._index_sizes()
 
     def _allows_missing(self) -> bool:
-        return self.quantizer._allows_missing()
+        return self.zero_masked or self.quantizer._allows_missing()
 
     @torch.no_grad()
     def _codes_rows(self, indices: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
         codes = self.quantizer._codes_rows(indices, dtype)  # (..., c)
         out = self.project_out(codes.reshape(-1, codes.shape[-1]).to(self.project_out.weight.dtype))
         out = out.reshape(*codes.shape[:-1], self.dim)
+        trailing = len(self._index_sizes()) - 1  # a position whose every index is -1 has no code: zeros
+        missing = (indices < 0).reshape(*indices.shape[:indices.dim() - trailing], -1).all(-1)
+        out = torch.where(missing[..., None], torch.zeros_like(out), out)
         return out if dtype is None else out.to(dtype)

@@ -112,7 +112,9 @@ class VectorQuantizer(CodebookState, QuantizerBase):
             construction, makes that mistake impossible to make silently. A sequence
             model whose length can equal ``D`` passes ``channel_first=False``: with
             ``None`` such a batch raises, mid-training if it comes late.
-        codebook_weight: beta, weight of the codebook term (>= 0, default 1.0).
+        codebook_weight: beta, weight of the codebook term (>= 0; default ``None``: 1.0). With
+            ``ema=True`` there is no codebook term (the EMA update moves the codes): a value
+            other than 1.0 raises ``ValueError`` instead of being ignored.
         commitment_weight: gamma, weight of the commitment term (>= 0, default 0.25).
         ema: learn the codebook by exponential moving averages of cluster sizes
             and sums (a buffer, updated in training mode only; the codebook term is
@@ -156,6 +158,14 @@ class VectorQuantizer(CodebookState, QuantizerBase):
         process_group: the group to synchronise over (``None``: the default group).
         generator: optional ``torch.Generator`` for the random init and the
             k-means init (``None``: torch's global generator).
+        freeze: start frozen (see :attr:`frozen`): training calls change no state and a
+            learned codebook gets no gradient.
+        manual_update: accumulate training calls' updates and apply them with
+            :meth:`update` (gradient accumulation: several micro-batches, one EMA and
+            dead-code step equal to one on their union; :mod:`rotvq._pending`).
+        zero_masked: masked positions get ``quantized = 0`` and ``indices = -1`` (default:
+            their nearest code and its index); :meth:`get_codes_from_indices` then maps ``-1``
+            to zeros.
 
     Several processes. With ``sync=True`` the per-code counts and sums of each
     training batch are summed over ranks before the EMA and dead-code updates, the
@@ -194,16 +204,24 @@ class VectorQuantizer(CodebookState, QuantizerBase):
 
     def __init__(self, dim: int, codebook_size: int, *, estimator: str | JacobianSurrogate = "rotation",
                  distance: str = "euclidean", channel_first: bool | None = None,
-                 codebook_weight: float = 1.0, commitment_weight: float = 0.25, ema: bool = False,
+                 codebook_weight: float | None = None, commitment_weight: float = 0.25, ema: bool = False,
                  decay: float = 0.99, eps: float = 1e-5, init: str = "kmeans", init_scale: float = 1.0,
                  kmeans_iters: int = 10, kmeans_max_points: int = 65536,
                  dead_code_threshold: float | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                 sync: bool = True, process_group=None, generator: torch.Generator | None = None) -> None:
+                 sync: bool = True, process_group=None, generator: torch.Generator | None = None,
+                 freeze: bool = False, manual_update: bool = False, zero_masked: bool = False) -> None:
         QuantizerBase.__init__(self)
         for name, value in (("dim", dim), ("codebook_size", codebook_size),
                             ("kmeans_max_points", kmeans_max_points), ("memory_budget", memory_budget)):
             check_positive_int(name, value)
         check_nonnegative_int("kmeans_iters", kmeans_iters)
+        if ema and codebook_weight is not None and codebook_weight != 1.0:
+            raise ValueError(f"codebook_weight={codebook_weight!r} has no effect with ema=True: the EMA update moves "
+                             "the codes and the loss has no codebook term; leave codebook_weight unset")
+        codebook_weight = 1.0 if codebook_weight is None else codebook_weight
+        for name, value in (("freeze", freeze), ("manual_update", manual_update), ("zero_masked", zero_masked)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {value!r}")
         checks = (("codebook_weight", codebook_weight >= 0), ("commitment_weight", commitment_weight >= 0),
                   ("decay", 0 < decay < 1), ("eps", eps > 0), ("init_scale", init_scale > 0),
                   ("dead_code_threshold", dead_code_threshold is None or dead_code_threshold >= 0))
@@ -228,8 +246,10 @@ class VectorQuantizer(CodebookState, QuantizerBase):
         self.kmeans_iters, self.kmeans_max_points = kmeans_iters, kmeans_max_points
         self.dead_code_threshold = None if dead_code_threshold is None else float(dead_code_threshold)
         self.memory_budget, self.sync, self.process_group = memory_budget, bool(sync), process_group
-        self.generator = generator
+        self.generator, self.zero_masked = generator, zero_masked
         self._init_state()
+        self.frozen = freeze
+        self._init_pending(manual_update)
 
     @staticmethod
     def _resolve_estimator(estimator: str | JacobianSurrogate) -> JacobianSurrogate:
@@ -313,9 +333,10 @@ class VectorQuantizer(CodebookState, QuantizerBase):
 
         # losses: this rank's real rows (DDP averages their gradients)
         w = None if real is None else real.to(acc)[:, None]  # (N, 1)
+        learned = not (self.ema or self.frozen)  # a codebook term only for a codebook learned by gradient
         loss, codebook_loss, commitment_loss = vq_losses(
-            err_rows, None if self.ema else codes, zs, w, self.dim, self.commitment_weight,
-            None if self.ema else self.codebook_weight, acc)
+            err_rows, codes if learned else None, zs, w, self.dim, self.commitment_weight,
+            self.codebook_weight if learned else None, acc)
 
         # statistics (global batch with synchronisation), then the update
         with torch.no_grad():
@@ -345,8 +366,12 @@ class VectorQuantizer(CodebookState, QuantizerBase):
     def _index_sizes(self) -> tuple[int, ...]:
         return (self.codebook_size,)
 
+    def _allows_missing(self) -> bool:
+        return self.zero_masked
+
     def _codes_rows(self, indices: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-        codes = self.codes().detach()[indices]  # (..., D)
+        codes = self.codes().detach()[indices.clamp_min(0)]  # (..., D)
+        codes = torch.where((indices >= 0)[..., None], codes, torch.zeros_like(codes))  # -1: no code
         return codes if dtype is None else codes.to(dtype)
 
     def get_codes_from_indices(self, indices: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -67,7 +67,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._base import QuantizerBase, Rows, metrics
+from ._base import QuantizerBase, Rows, _check_bool, metrics
 from ._checks import at_least_float32, check_nonnegative_int, check_positive_int
 from ._layout import from_rows
 from ._setup import SetupState
@@ -121,6 +121,7 @@ class ResidualVQ(SetupState, QuantizerBase):
         min_quantizers: the fewest stages quantize dropout keeps (1 <= it <= Q).
         seed: seeds quantize dropout's choices (an int >= 0).
         channel_first: the input layout, as for :class:`rotvq.VectorQuantizer`.
+        zero_masked: masked positions get ``quantized = 0`` and ``indices = -1`` (default: their code).
         **vq_kwargs: passed to every stage's :class:`rotvq.VectorQuantizer` (``estimator``,
             ``ema``, ``decay``, ``init``, ``commitment_weight``, ``sync``, ...). Cosine
             distance is refused: each stage would normalise its residual, and the sum of
@@ -132,7 +133,8 @@ class ResidualVQ(SetupState, QuantizerBase):
 
     def __init__(self, dim: int, codebook_size: int, num_quantizers: int, *, shared_codebook: bool = False,
                  estimator_scope: str = "sum", quantize_dropout: bool = False, min_quantizers: int = 1,
-                 seed: int = 0, channel_first: bool | None = None, **vq_kwargs) -> None:
+                 seed: int = 0, channel_first: bool | None = None, zero_masked: bool = False,
+                 **vq_kwargs) -> None:
         QuantizerBase.__init__(self)
         check_positive_int("num_quantizers", num_quantizers)
         check_nonnegative_int("seed", seed)
@@ -153,6 +155,7 @@ class ResidualVQ(SetupState, QuantizerBase):
         self.dim, self.codebook_size, self.num_quantizers = dim, codebook_size, num_quantizers
         self.shared_codebook, self.estimator_scope, self.channel_first = shared_codebook, estimator_scope, channel_first
         self.quantize_dropout, self.min_quantizers, self.seed = quantize_dropout, min_quantizers, seed
+        self.zero_masked = _check_bool("zero_masked", zero_masked)
         count = 1 if shared_codebook else num_quantizers
         self.layers = torch.nn.ModuleList(
             VectorQuantizer(dim, codebook_size, channel_first=False, **vq_kwargs) for _ in range(count))

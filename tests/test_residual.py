@@ -297,7 +297,14 @@ RANK_SCENARIOS = {
     # GroupedVQ of residual groups (D = 3 channels as 3 groups of 1), quantize dropout in every group
     "grouped": dict(groups=3, quantize_dropout=True, seed=1, init="kmeans", dead_code_threshold=None),
     "fsq": dict(levels=(5, 4, 3)),  # no state: the code counts (usage) are global
+    # accumulated updates (two micro-batches per update) with dead codes: update() gathers candidates
+    "manual": dict(manual_update=True, ema=True, init="normal", dead_code_threshold=None),
 }
+
+
+def _after_step(name, module, step):
+    if RANK_SCENARIOS[name].get("manual_update") and step % 2 == 1:
+        module.update()
 
 
 def _rank_batches(world=2, steps=4):
@@ -337,8 +344,9 @@ def _rvq_worker(rank: int, world: int, port: int, backend: str, out_path: str) -
             if rank == 0:
                 _resume_counter(rvq)
             results[name] = []
-            for xs, masks in _rank_batches(world):
+            for step, (xs, masks) in enumerate(_rank_batches(world)):
                 out = rvq(xs[rank], mask=masks[rank])
+                _after_step(name, rvq, step)
                 results[name].append((_state(rvq), [out.indices[masks[rank]].clone()] +
                                       [getattr(out, s).detach().clone() for s in ("usage", "q_norm",
                                                                                   "quantization_error")]))
@@ -361,6 +369,7 @@ def test_ranks_identical_and_equal_to_one_process(rvq_ranks, name):
     for step, ((xs, masks), (s0, r0), (s1, r1)) in enumerate(zip(_rank_batches(), rvq_ranks[0][name],
                                                                  rvq_ranks[1][name])):
         out = ref(torch.cat([x[m] for x, m in zip(xs, masks)]))
+        _after_step(name, ref, step)
         for k in s0:
             assert torch.equal(s0[k], s1[k]), f"{name} step {step}: {k} differs between ranks"
             torch.testing.assert_close(s0[k], _state(ref)[k], rtol=1e-5, atol=1e-5, msg=f"{name} {step} {k}")
