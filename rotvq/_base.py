@@ -67,6 +67,23 @@ class QuantizerBase(nn.Module):
     zero_masked: bool = False  # masked positions: quantized 0 and indices -1 (else their code)
 
     def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None):
+        """Quantise ``z``; in training mode also update the state (codebooks, counters).
+
+        Args:
+            z: ``(..., D)``, or ``(B, D, *spatial)`` with ``channel_first=True``; floating point.
+            mask: optional bool tensor of the leading shape, True = real data; masked positions
+                train nothing and count in no statistic (with ``zero_masked``: ``quantized`` 0 and
+                ``indices`` -1 there).
+
+        Returns:
+            The quantizer's output (a named tuple whose first ten fields are those of
+            :class:`rotvq.VQOutput`); ``quantized`` has the layout and dtype of ``z``.
+
+        Raises:
+            TypeError: non-floating input, non-bool mask.
+            ValueError: wrong channel size, ambiguous layout, a mask of the wrong shape, NaN or inf
+                in an unmasked row.
+        """
         flat, cf, lead = to_rows(z, self.dim, self.channel_first, type(self).__name__)  # (N, D)
         self._check_device(z)
         real = check_mask(mask, lead, z)  # (N,) bool or None

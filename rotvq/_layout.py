@@ -66,7 +66,8 @@ def check_mask(mask: object, lead: torch.Size, z: torch.Tensor) -> torch.Tensor 
     """The mask as rows ``(N,)`` bool (True = real data), or ``None``.
 
     Raises:
-        TypeError: not a bool tensor. ValueError: not the input's leading shape, or another device.
+        TypeError: not a bool tensor.
+        ValueError: not the input's leading shape, or another device.
     """
     if mask is None:
         return None
@@ -90,8 +91,9 @@ def check_indices(indices: object, sizes: tuple[int, ...], allow_missing: bool) 
         allow_missing: accept ``-1`` ("no code": a masked position or a dropped stage).
 
     Raises:
-        TypeError: not an int64/int32 tensor. ValueError: wrong trailing shape, values out of range
-        (checked eagerly only: a compiled graph cannot raise from data).
+        TypeError: not an int64/int32 tensor.
+        ValueError: wrong trailing shape, values out of range (checked eagerly only: a compiled graph
+            cannot raise from data).
     """
     if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"indices must be an int64 or int32 tensor, got "

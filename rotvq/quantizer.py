@@ -10,7 +10,7 @@ identical on every data-parallel rank (:mod:`rotvq.distributed`), accepts masks 
 padded positions, refuses non-finite batches before they can touch the codebook,
 and compiles with ``torch.compile(fullgraph=True)`` from the first training step, fresh or
 after ``load_state_dict`` (the one-time k-means init runs as an opaque operator inside the
-compiled call: :mod:`rotvq._setup`).
+compiled call: ``rotvq._setup``).
 
 Loss convention. The source text (Su Jianlin, "VQ的旋转技巧", 2024, eq. in
 section 回顾) writes the VQ-VAE loss as::
@@ -162,7 +162,7 @@ class VectorQuantizer(CodebookState, QuantizerBase):
             learned codebook gets no gradient.
         manual_update: accumulate training calls' updates and apply them with
             :meth:`update` (gradient accumulation: several micro-batches, one EMA and
-            dead-code step equal to one on their union; :mod:`rotvq._pending`).
+            dead-code step equal to one on their union; ``rotvq._pending``).
         zero_masked: masked positions get ``quantized = 0`` and ``indices = -1`` (default:
             their nearest code and its index); :meth:`get_codes_from_indices` then maps ``-1``
             to zeros.
