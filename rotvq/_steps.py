@@ -5,7 +5,7 @@ for all of them live here:
 
 * :func:`check_rows` -- the rows' norms (reused by the statistics) and which rows hold NaN/inf;
 * :func:`estimate` -- the gradient estimator ``z_q = sg[G] z + sg[q - G z]`` (forward exactly
-  ``q``, backward ``G^T g``; the book's eq. ``gen-ste``) fused with the per-row error
+  ``q``, backward ``G^T g``; the book's eq. ``gen-def``) fused with the per-row error
   ``|z - q|^2`` of the commitment term; masked rows become their own code;
 * :func:`vq_losses` -- the codebook term ``beta |q - sg[z]|^2`` and the commitment term
   ``gamma |z - sg[q]|^2`` (Su 2024; van den Oord et al. 2017, eq. 3, with the names swapped,

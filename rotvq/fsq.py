@@ -14,7 +14,7 @@ The paper's code writes ``tan(o_i / l_i)`` for the shift; ``artanh`` is the shif
 ``bound(0) = 0`` (both round a neighbourhood of 0 to the same codes; vector-quantize-pytorch
 uses ``artanh`` with ``1 + eps``). Gradients: the paper's straight-through estimator on the
 rounding, ``z_q = u + sg[q - u]`` with ``u = bound(z) / floor(L / 2)``, is the book's
-generalized estimator (eq. ``gen-ste``) on the pair ``(u, q)`` with ``G = I``; ``estimator=``
+generalized estimator (eq. ``gen-def``) on the pair ``(u, q)`` with ``G = I``; ``estimator=``
 takes any other :class:`rotvq.JacobianSurrogate` for that pair (``"rotation"`` rotates ``u``
 onto ``q``). The encoder receives ``bound'(z) * G^T g / floor(L / 2)`` (elementwise
 ``bound'``). The paper's levels for ``K`` about ``2^8, 2^10, 2^12, 2^14, 2^16``: ``(8, 6, 5)``,

@@ -328,7 +328,7 @@ class VectorQuantizer(CodebookState, QuantizerBase):
         codes = table[indices]  # (N, D)
         q = codes.detach().to(flat.dtype)  # (N, D) chosen codes in the input dtype
 
-        # estimate: z_q = sg[G] z + sg[q - G z] (eq. gen-ste), and |z - q|^2 per row
+        # estimate: z_q = sg[G] z + sg[q - G z] (eq. gen-def), and |z - q|^2 per row
         z_q, err_rows, zs = estimate(zs, q, codes.detach(), self._op, real, acc)
 
         # losses: this rank's real rows (DDP averages their gradients)

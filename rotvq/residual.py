@@ -11,7 +11,7 @@ rows; the stages' residuals carry no gradient of the codes (``r_i = r_{i-1} - sg
 so every stage's commitment term reaches the encoder.
 
 How the gradient estimator applies (``estimator_scope``). The forward value is ``q`` in
-both cases, bitwise; the backward differs. In the book's notation (eq. ``gen-ste``:
+both cases, bitwise; the backward differs. In the book's notation (eq. ``gen-def``:
 ``z_q = sg[G] z + sg[q - G z]``, backward ``G^T g``):
 
 * ``"sum"`` (default): one estimator on the pair ``(z, q)``, ``z_q = sg[G] z + sg[q - G z]``
@@ -183,7 +183,7 @@ class ResidualVQ(SetupState, QuantizerBase):
     def _synced_tensors(self) -> list[torch.Tensor]:
         return [self.dropout_step]
 
-    def _active(self, n_rows: int, device: torch.device) -> torch.Tensor | None:
+    def _active(self, device: torch.device) -> torch.Tensor | None:
         """``(Q,)`` bool, the stages this training call uses (quantize dropout), or ``None`` (all)."""
         if not (self.training and self.quantize_dropout):
             return None
@@ -202,7 +202,7 @@ class ResidualVQ(SetupState, QuantizerBase):
         group = self._group()
         if self.training:
             self._run_setup(flat, real, None, lead, group)  # pending: rank 0's dropout counter on every rank
-        active = self._active(flat.shape[0], flat.device)  # (Q,) bool or None
+        active = self._active(flat.device)  # (Q,) bool or None
         residual, q, stage_rows = flat, None, []  # r_0 = z
         for i, stage in enumerate(self.stages):
             keep = None if active is None else active[i]

@@ -29,7 +29,7 @@ def _generic_matrix(name, d):
 
 
 def _estimator(G, z, q):
-    """The book's generalized estimator z_q = sg[G] z + sg[q - G z] (eq. gen-ste)."""
+    """The book's generalized estimator z_q = sg[G] z + sg[q - G z] (eq. gen-def)."""
     return rs.sg(G) * z + rs.sg(q - G * z)
 
 
