@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import rotvq
 from rotvq import FSQ, GroupedVQ, Projected, ResidualVQ, VectorQuantizer
 
 
