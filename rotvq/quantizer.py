@@ -20,10 +20,11 @@ section 回顾) writes the VQ-VAE loss as::
 so **beta weighs the codebook term** ``|q - sg[z]|^2`` (it moves the codes) and
 **gamma weighs the commitment term** ``|z - sg[q]|^2`` (it moves the encoder).
 This module follows that convention: ``codebook_weight`` is beta (default 1.0)
-and ``commitment_weight`` is gamma (default 0.25), as in :eq:`scale-loss` of
+and ``commitment_weight`` is gamma (default 1.0), as in :eq:`scale-loss` of
 :ref:`ch-scaling`. Note that van den Oord et al. (2017, eq. 3) use the opposite
 naming: their ``beta`` (0.25) weighs the commitment term and the codebook term has
-weight 1. Both terms are mean squared errors over all ``N * D`` entries of the
+weight 1. This layer's default commitment weight is 1, not their 0.25: the scaling
+study's decision table chose it (:ref:`scale-defaults`). Both terms are mean squared errors over all ``N * D`` entries of the
 (unmasked) batch.
 
 References:
@@ -115,7 +116,12 @@ class VectorQuantizer(CodebookState, QuantizerBase):
         codebook_weight: beta, weight of the codebook term (>= 0; default ``None``: 1.0). With
             ``ema=True`` there is no codebook term (the EMA update moves the codes): a value
             other than 1.0 raises ``ValueError`` instead of being ignored.
-        commitment_weight: gamma, weight of the commitment term (>= 0, default 0.25).
+        commitment_weight: gamma, weight of the commitment term (>= 0, default 1.0). The
+            default follows the scaling study's decision rule (:ref:`scale-defaults`): with
+            this layer's other defaults, gamma = 1 reconstructs better than 1/4 on every
+            seed in every configuration of the record at ``d >= 32`` (the table there,
+            computed from ``book/records/``; one convolutional model, 3 seeds, 1,000 steps:
+            a different model or training length can prefer another value).
         ema: learn the codebook by exponential moving averages of cluster sizes
             and sums (a buffer, updated in training mode only; the codebook term is
             left out of ``loss``) instead of by gradient (an ``nn.Parameter``).
@@ -123,11 +129,11 @@ class VectorQuantizer(CodebookState, QuantizerBase):
         eps: Laplace smoothing constant of the EMA cluster sizes (> 0).
         init: ``"kmeans"`` (default): k-means (k-means++ seeding; spherical for
             cosine) on the first training batch, at most ``kmeans_max_points``
-            vectors of it, gathered from all ranks. It is the default because it is
-            the only choice that works at every data scale and codebook size: codes
-            start where the data is, ``|q|/|z| ≈ 0.98`` against 0.08 for small
-            random codes in :ref:`ch-scaling`, where random codes of the wrong
-            scale leave codes idle (with the STE, a third of them). Until the first
+            vectors of it, gathered from all ranks. It is the default because codes
+            start where the data is, whatever its scale: ``|q|/|z|`` starts near 1,
+            against far below 1 for small random codes (:ref:`scale-check-lambda0`),
+            and with the automatic resets it beats k-means codes without them and
+            small codes in the study's record (:ref:`scale-defaults`). Until the first
             training batch the codebook holds a normal(0, ``init_scale``)
             placeholder, which eval-mode calls use as is. ``"normal"`` (std
             ``init_scale``) and ``"uniform"`` (on ``[-init_scale, init_scale]``)
@@ -147,8 +153,9 @@ class VectorQuantizer(CodebookState, QuantizerBase):
             never. Dead codes are replaced by the batch vectors that the current
             codebook serves worst (largest ``|z - q|^2``, from all ranks), which is
             deterministic, identical on all ranks, and compiles. On by default
-            because idle codes are the failure :ref:`ch-scaling` measures (the STE
-            with small codes leaves a third of them unused for good); measured here
+            because idle codes are the failure the scaling study measures: in its
+            record the resets remove the STE's deficit with small codes
+            (:ref:`scale-check-idle`); measured here
             (tests/test_quantizer.py), a never-chosen code of K = 64 is replaced at
             step 1 with N = 1024 and at step 4 with N = 256 vectors per step.
         memory_budget: bytes per chunk of the (eager) nearest-code search.
@@ -204,7 +211,7 @@ class VectorQuantizer(CodebookState, QuantizerBase):
 
     def __init__(self, dim: int, codebook_size: int, *, estimator: str | JacobianSurrogate = "rotation",
                  distance: str = "euclidean", channel_first: bool | None = None,
-                 codebook_weight: float | None = None, commitment_weight: float = 0.25, ema: bool = False,
+                 codebook_weight: float | None = None, commitment_weight: float = 1.0, ema: bool = False,
                  decay: float = 0.99, eps: float = 1e-5, init: str = "kmeans", init_scale: float = 1.0,
                  kmeans_iters: int = 10, kmeans_max_points: int = 65536,
                  dead_code_threshold: float | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,

@@ -122,8 +122,13 @@ class ResidualVQ(SetupState, QuantizerBase):
         seed: seeds quantize dropout's choices (an int >= 0).
         channel_first: the input layout, as for :class:`rotvq.VectorQuantizer`.
         zero_masked: masked positions get ``quantized = 0`` and ``indices = -1`` (default: their code).
+        commitment_weight: gamma of every stage (default 0.25, not the 1.0 of
+            :class:`rotvq.VectorQuantizer`: in the measurement above, gamma = 1/4
+            reconstructs better than 1 with both scopes and both estimators, and 1/16
+            better still, at the edge of that grid; a digits MLP at 400 steps, so a larger
+            model may prefer another value).
         **vq_kwargs: passed to every stage's :class:`rotvq.VectorQuantizer` (``estimator``,
-            ``ema``, ``decay``, ``init``, ``commitment_weight``, ``sync``, ...). Cosine
+            ``ema``, ``decay``, ``init``, ``sync``, ...). Cosine
             distance is refused: each stage would normalise its residual, and the sum of
             unit codes would not approximate ``z``.
 
@@ -134,7 +139,7 @@ class ResidualVQ(SetupState, QuantizerBase):
     def __init__(self, dim: int, codebook_size: int, num_quantizers: int, *, shared_codebook: bool = False,
                  estimator_scope: str = "sum", quantize_dropout: bool = False, min_quantizers: int = 1,
                  seed: int = 0, channel_first: bool | None = None, zero_masked: bool = False,
-                 **vq_kwargs) -> None:
+                 commitment_weight: float = 0.25, **vq_kwargs) -> None:
         QuantizerBase.__init__(self)
         check_positive_int("num_quantizers", num_quantizers)
         check_nonnegative_int("seed", seed)
@@ -158,7 +163,8 @@ class ResidualVQ(SetupState, QuantizerBase):
         self.zero_masked = _check_bool("zero_masked", zero_masked)
         count = 1 if shared_codebook else num_quantizers
         self.layers = torch.nn.ModuleList(
-            VectorQuantizer(dim, codebook_size, channel_first=False, **vq_kwargs) for _ in range(count))
+            VectorQuantizer(dim, codebook_size, channel_first=False, commitment_weight=commitment_weight,
+                            **vq_kwargs) for _ in range(count))
         self.register_buffer("dropout_step", torch.zeros((), dtype=torch.int64))  # training calls so far
         self._init_setup()
 

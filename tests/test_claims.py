@@ -55,7 +55,9 @@ def test_registry_is_well_formed(claims):
         (lambda c: c.update(evidence=[]), "evidence"),
         (lambda c: c.update(colour="red"), "unknown field"),
         (lambda c: c.update(claim=r"$|q|$ is small"), "Vert"),
-        (lambda c: c.update(note="{glue:text}`x`"), "glue"),
+        (lambda c: c.update(note="{glue:text}`x`"), "ipynb::<key>"),
+        (lambda c: c.update(note="{glue:text}`intro.ipynb::k:s`"), "ipynb::<key>"),
+        (lambda c: c.update(claim="{glue:text}`scaling.ipynb::k:s`"), "only a note"),
         (lambda c: c.update(id="Bad_Id"), "id"),
         (lambda c: c.pop("note", None) or c.pop("argument", None), "exactly one of note or argument"),
     ],
@@ -75,6 +77,13 @@ def test_validate_rejects_duplicate_ids(claims):
 def test_evidence_labels_exist(claims, labels):
     missing = claims_tool.missing_evidence(claims, labels)
     assert not missing, f"evidence labels not defined anywhere in book/: {missing}"
+
+
+def test_glued_notes_quote_keys_their_chapter_glues(claims):
+    missing = claims_tool.missing_glue(claims)
+    assert not missing, f"notes quote glue keys that no chapter output records: {missing}"
+    fake = [dict(claims[0], note="{glue:text}`ste.ipynb::no-such-key:s`")]
+    assert claims_tool.missing_glue(fake) == [f"{claims[0]['id']}: ste::no-such-key"]
 
 
 def test_every_chapter_lists_claims(claims, labels):

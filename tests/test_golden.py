@@ -14,6 +14,8 @@ the test holds on any CPU.
 """
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -124,9 +126,14 @@ def _assert_same(a, b, where):
             torch.equal(torch.isnan(a), torch.isnan(b)), f"{where} differs"
 
 
+#: VectorQuantizer's default commitment weight (the frozen copy keeps its old default, 0.25)
+GAMMA = inspect.signature(VectorQuantizer).parameters["commitment_weight"].default
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_bitwise_equal_to_the_frozen_layer(one_thread, name):
     kw, opts = CONFIGS[name]
+    kw = {"commitment_weight": GAMMA, **kw}  # the frozen layer predates the default 1.0
     frozen = _run(FrozenVectorQuantizer, kw, opts)
     current = _run(VectorQuantizer, kw, opts)
     _assert_same(frozen, current, name)
@@ -135,8 +142,8 @@ def test_bitwise_equal_to_the_frozen_layer(one_thread, name):
 def test_the_comparison_can_fail(one_thread):
     """The harness notices a change: a different commitment weight changes the loss and gradients."""
     kw, opts = CONFIGS["defaults"]
-    frozen = _run(FrozenVectorQuantizer, kw, opts)
-    changed = _run(VectorQuantizer, dict(kw, commitment_weight=0.25 + 2 ** -20), opts)
+    frozen = _run(FrozenVectorQuantizer, dict(kw, commitment_weight=GAMMA), opts)
+    changed = _run(VectorQuantizer, dict(kw, commitment_weight=GAMMA + 2 ** -20), opts)
     with pytest.raises(AssertionError, match="differs"):
         _assert_same(frozen, changed, "defaults")
 

@@ -116,7 +116,7 @@ def test_ema_step_matches_hand_computation():
     z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [9.0, 10.0]])
     out = vq.train()(z)
     assert torch.equal(out.quantized, old[[0, 0, 1]])  # codes before this call's update
-    assert out.loss.item() == pytest.approx(0.25 * out.commitment_loss.item())  # no codebook term
+    assert out.loss.item() == pytest.approx(vq.commitment_weight * out.commitment_loss.item())  # no codebook term
     n = [decay * 1 + (1 - decay) * 2, decay * 1 + (1 - decay) * 1]  # [1.1, 1.0]
     m = [[decay * 0 + (1 - decay) * 1, decay * 0 + (1 - decay) * 1],
          [decay * 10 + (1 - decay) * 9, decay * 10 + (1 - decay) * 10]]

@@ -119,7 +119,7 @@ def test_the_layer_sends_what_the_derivation_says(estimator):
 
 
 def test_one_stage_is_the_plain_layer():
-    kw = dict(ema=True, decay=0.7, dead_code_threshold=None)
+    kw = dict(ema=True, decay=0.7, dead_code_threshold=None, commitment_weight=0.5)
     rvq = ResidualVQ(4, 8, 1, channel_first=False, generator=gen(5), **kw)
     vq = VectorQuantizer(4, 8, channel_first=False, generator=gen(5), **kw)
     for step in range(4):

@@ -125,7 +125,18 @@ def validate(claims: list[dict]) -> None:
             if k in c and re.search(r"(?<!\\)\|", c[k]):
                 raise RegistryError(f"{where}: {k} contains '|', which breaks the tables (use \\Vert)")
             if k in c and "{glue" in c[k]:
-                raise RegistryError(f"{where}: {k} uses glue, which works on its chapter's page only")
+                if k != "note":
+                    raise RegistryError(f"{where}: {k} uses glue; only a note may quote a chapter")
+                for m in re.finditer(r"\{glue(?::\w+)?\}`([^`]*)`", c[k]):
+                    g = _GLUE_RE.fullmatch(m.group(1))
+                    if not g or g.group(1) not in CHAPTERS:
+                        raise RegistryError(
+                            f"{where}: note glues {m.group(1)!r}; the audit page is another page, "
+                            f"so write <chapter>.ipynb::<key>:<format> (chapters: {', '.join(CHAPTERS)})")
+
+
+#: a cross-document glue reference in a note: ``scaling.ipynb::scale-claim-x:s``.
+_GLUE_RE = re.compile(r"([a-z]+)\.ipynb::([\w.-]+):\S+")
 
 
 # --------------------------------------------------------------------------- labels
@@ -153,6 +164,27 @@ def book_labels(book: pathlib.Path = BOOK) -> dict[str, tuple[str, str]]:
 def missing_evidence(claims: list[dict], labels: dict[str, tuple[str, str]]) -> list[str]:
     """'id: label' for each evidence label that no page of the book defines."""
     return [f"{c['id']}: {e}" for c in claims for e in c["evidence"] if e not in labels]
+
+
+def glued_keys(chapter: str, book: pathlib.Path = BOOK) -> set[str]:
+    """The keys a chapter glues: names of its stored outputs recorded by ``glue``."""
+    nb = nbformat.read(book / f"{chapter}.ipynb", as_version=4)
+    return {o.metadata["scrapbook"]["name"] for cell in nb.cells if cell.cell_type == "code"
+            for o in cell.get("outputs", []) if "scrapbook" in o.get("metadata", {})}
+
+
+def missing_glue(claims: list[dict], book: pathlib.Path = BOOK) -> list[str]:
+    """'id: chapter::key' for each glue reference in a note that its chapter does not glue."""
+    keys: dict[str, set[str]] = {}
+    out = []
+    for c in claims:
+        for m in _GLUE_RE.finditer(c.get("note", "")):
+            ch, key = m.group(1), m.group(2)
+            if ch not in keys:
+                keys[ch] = glued_keys(ch, book)
+            if key not in keys[ch]:
+                out.append(f"{c['id']}: {ch}::{key}")
+    return out
 
 
 def chapter_of(claim: dict, labels: dict[str, tuple[str, str]]) -> str | None:
@@ -436,12 +468,16 @@ def main(argv: list[str] | None = None) -> int:
     missing = missing_evidence(claims, book_labels(book))
     if missing:
         print("evidence labels not defined in book/:\n  " + "\n  ".join(missing), file=sys.stderr)
+    unglued = missing_glue(claims, book)
+    if unglued:
+        print("notes quote keys their chapter does not glue:\n  " + "\n  ".join(unglued),
+              file=sys.stderr)
     bad = stale(claims, book, chapters)
     if bad:
         command = "python tools/claims.py --write" + (
             "" if set(chapters) == set(CHAPTERS) else " --chapters " + " ".join(chapters))
         print(f"stale (run {command}): " + ", ".join(bad), file=sys.stderr)
-    return 1 if (bad or missing) else 0
+    return 1 if (bad or missing or unglued) else 0
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -65,7 +65,7 @@ from . import datasets
 from .training import METRICS, TrainConfig, build_model, check_field, evaluate, field_type, train
 
 __all__ = ["Run", "Record", "STUDIES", "study", "run_study", "load_record", "retrain",
-           "check_live", "LiveCheck", "seed_range", "tolerance", "resolution", "CURVE_METRICS", "machine", "main"]
+           "check_live", "LiveCheck", "LIVE_RUNS", "LIVE_METRICS", "seed_range", "tolerance", "resolution", "CURVE_METRICS", "machine", "main"]
 
 #: Training-batch metrics whose block means are kept as curves.
 CURVE_METRICS = ("recon_loss", "codebook_loss", "usage", "perplexity", "z_norm", "q_norm")
@@ -538,6 +538,21 @@ def retrain(row: Mapping[str, Any], step: int, *, threads: int = 1) -> dict[str,
     if result["error"] is not None:
         raise FloatingPointError(result["error"])
     return result["test"][str(step)]
+
+
+#: The runs each chapter retrains live (seed 0; first evaluation step), by record. The
+#: scaling chapter's check and ``tools/live_emulation.py`` both read this list.
+LIVE_RUNS: dict[str, tuple[dict[str, Any], ...]] = {
+    "scaling": (
+        dict(dataset="digits", init_name="small", gamma=0.25, estimator="ste", seed=0),
+        dict(dataset="digits", init_name="small", gamma=0.25, estimator="rotation", seed=0),
+        dict(dataset="digits", init_name="kmeans", gamma=1.0, estimator="rotation", seed=0),
+        dict(dataset="patches", latent_dim=8, init_name="small", gamma=0.25,
+             estimator="rotation", seed=0),
+    ),
+}
+#: The metrics a live check compares.
+LIVE_METRICS = ("recon_loss", "codebook_loss", "usage", "perplexity", "z_norm", "q_norm")
 
 
 @dataclasses.dataclass
