@@ -12,7 +12,9 @@ to ``book/records/estimates.jsonl``:
 
     python -m rotvq.lab.estimates snapshots   # retrain the kept runs, save the weights at
                                               # every evaluation step (not committed)
+    python -m rotvq.lab.estimates check       # are the snapshots the study's runs?
     python -m rotvq.lab.estimates run         # measure; resumable, one line per result
+    python -m rotvq.lab.estimates live        # the per-vector values of the live check
 
 **Snapshots.** The learning rate is constant, so the model after ``s`` steps of a run is
 the ``s``-step model; :func:`make_snapshots` retrains each kept run exactly as
@@ -20,7 +22,7 @@ the ``s``-step model; :func:`make_snapshots` retrains each kept run exactly as
 ``state_dict`` at each evaluation step under ``--snapshots`` (default
 ``.snapshots/estimates``, ignored by git). It checks that the retrained run reproduces the
 record's test metrics at every step and, where the study kept them, the final weights
-bitwise; the result of that check goes into every row (``retrain``).
+bitwise (:func:`check_snapshots`); the result is one row per model (``kind = "retrain"``).
 
 **Scales.** The two smoothed references need a scale. Both are tied to the model's own
 geometry, measured on the whole test split at that step: ``b``, the median distance of an
@@ -35,8 +37,9 @@ standard deviation, :eq:`est-width`).
 ``latent_dim``, ``init_name``, ``trained_with``), ``step``, ``reference`` and ``c`` (None
 for the unscaled references), ``sigma``/``tau``, the scales, the sample (``n``, the bin
 edges of ``|z - q|/|z|`` and of the boundary distance), the reference's own statistics
-(``ref``: median ``|r|/|g|``, median Monte Carlo relative standard error, fraction of
-zero references) and, per estimator, :func:`summarize` of the cosine similarity and the
+(``ref``: quartiles of ``|r|/|g|``, of the Monte Carlo relative standard error, of the
+cosine with the unquantized gradient and with the quantization error ``z - q`` (the
+direction of the commitment gradient), and the fraction of zero references) and, per estimator, :func:`summarize` of the cosine similarity and the
 relative error against the reference (quartiles over all encoder outputs and per bin;
 the bias and spread over the encoder outputs of one cell; for NSVQ and DiVeQ the single
 draw's cosine and the relative noise). One more row per live-check latent set
@@ -65,7 +68,7 @@ from .training import TrainConfig, build_model, evaluate, train
 
 __all__ = ["ESTIMATORS", "DETERMINISTIC", "STOCHASTIC", "SCALES", "REFERENCES", "Size", "SIZES",
            "kept_runs", "make_snapshots", "load_model", "measure", "summarize", "model_scales",
-           "tau_of", "live_values", "load_estimates", "select", "main"]
+           "tau_of", "live_values", "load_estimates", "select", "check_snapshots", "main"]
 
 #: The deterministic estimators compared (the variants of the scaling study).
 DETERMINISTIC = ("ste", "rotation", "rotation_unscaled", "rotation_clipped", "rotation_interp",
@@ -100,7 +103,7 @@ class Size:
 #: CPU thread (the Gaussian reference dominates) and the median Monte Carlo relative
 #: standard error at ``c >= 1`` is below 10 %.
 SIZES = {("digits", 8): Size(512, 8192, 64), ("patches", 8): Size(256, 4096, 32),
-         ("patches", 128): Size(128, 2048, 16)}
+         ("patches", 128): Size(128, 8192, 16)}
 
 
 def kept_runs() -> list[tuple[str, Run]]:
@@ -140,6 +143,27 @@ def make_snapshots(name: str, run: Run, snapshots: str | os.PathLike,
     train(model, x_train, run.config, progress=False, callback=at_step)
     recorded = load_record(pathlib.Path(records) / f"{name}.jsonl").by_key().get(run.key)
     same_record = recorded is not None and recorded["test"] == test
+    kept = pathlib.Path(records) / "weights" / name / f"{run.key}.pt"
+    same_kept = (_equal_states(model.state_dict(), torch.load(kept, weights_only=True))
+                 if kept.is_file() else None)
+    return {"record": same_record, "kept": same_kept}
+
+
+def check_snapshots(name: str, run: Run, snapshots: str | os.PathLike,
+                    records: str | os.PathLike = "book/records") -> dict[str, Any]:
+    """Whether the snapshots of ``run`` are the study's run: their test metrics equal the
+    record's at every evaluation step (``"record"``, ``None`` if the record has no such row
+    yet), and the last one equals the kept weights bitwise (``"kept"``, ``None`` if none)."""
+    torch.set_num_threads(1)
+    x_train, x_test = _data(run.dataset, run.config.model)
+    recorded = load_record(pathlib.Path(records) / f"{name}.jsonl").by_key().get(run.key)
+    same_record = None if recorded is None else True
+    for step in run.evals:
+        model = build_model(run.config, x_train)
+        model.load_state_dict(torch.load(snapshot_path(snapshots, name, run.key, step),
+                                         weights_only=True))
+        if recorded is not None and evaluate(model, x_test) != recorded["test"][str(step)]:
+            same_record = False
     kept = pathlib.Path(records) / "weights" / name / f"{run.key}.pt"
     same_kept = (_equal_states(model.state_dict(), torch.load(kept, weights_only=True))
                  if kept.is_file() else None)
@@ -327,11 +351,13 @@ def measure(model: torch.nn.Module, x_test: torch.Tensor, size: Size, *, seed: i
             est = G.gaussian_smoothed(objective, z, objective.codebook, extra["sigma"],
                                       pairs=size.pairs,
                                       generator=torch.Generator().manual_seed(seed + 100 + j))
-            r, se, evaluations = est
+            r, se, evaluations, halves = est
+            extra["split_cos"] = _quantiles(G.cosine(halves[0], halves[1])[r.norm(dim=-1) > 0])
             gaussians[c] = r
         norm = r.norm(dim=-1)
         ref = {"ratio": _quantiles(norm / g.norm(dim=-1)), "zero": _sig(float((norm == 0).double().mean())),
-               "cos_unquantized": _quantiles(G.cosine(r, unq)[norm > 0])}
+               "cos_unquantized": _quantiles(G.cosine(r, unq)[norm > 0]),
+               "cos_residual": _quantiles(G.cosine(r, z - q)[norm > 0])}
         if se is not None:
             ref["mc_rel_se"] = _quantiles(torch.where(norm > 0, se / norm, torch.full_like(se, math.inf)))
             ref["evaluations"] = evaluations
@@ -462,7 +488,7 @@ def _parse_only(items: Sequence[str]) -> dict[str, list[str]]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rotvq.lab.estimates",
                                      description="The record of the chapter on what the estimators estimate.")
-    parser.add_argument("action", choices=("snapshots", "run", "live", "status"))
+    parser.add_argument("action", choices=("snapshots", "check", "run", "live", "status"))
     parser.add_argument("--records", type=pathlib.Path, default=pathlib.Path("book/records"))
     parser.add_argument("--snapshots", type=pathlib.Path, default=pathlib.Path(".snapshots/estimates"))
     parser.add_argument("--only", nargs="+", default=[], metavar="FIELD=V1,V2")
@@ -503,9 +529,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "settings": LIVE, "values": values, **_provenance(command)})
         path.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows))
         return 0
+    if args.action == "check":
+        kept = {r["key"]: r for r in rows if r.get("kind") == "retrain"}
+        for name, run in runs:
+            kept[run.key] = {"kind": "retrain", **_model_fields(name, run),
+                             **check_snapshots(name, run, args.snapshots, args.records),
+                             **_provenance(command)}
+        rows = [r for r in rows if r.get("kind") != "retrain"] + list(kept.values())
+        path.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows))
+        for r in kept.values():
+            print(r["key"], r["trained_with"], r["init_name"], r["latent_dim"], r["record"], r["kept"])
+        return 0
     for name, run in runs:
-        check_file = args.snapshots / name / f"{run.key}-check.json"
-        retrain = json.loads(check_file.read_text()) if check_file.is_file() else None
         x_test = _data(run.dataset, run.config.model)[1]
         for step in run.evals:
             if (run.key, step) in done or (args.steps and step not in args.steps):
@@ -517,8 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model = load_model(name, run, step, args.snapshots, args.records)
             results = measure(model, x_test, size, progress=True)
             _append(path, [{"kind": "compare", **_model_fields(name, run), "step": step,
-                            **result, "retrain": retrain, **_provenance(command)}
-                           for result in results])
+                            **result, **_provenance(command)} for result in results])
             print(f"  {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return 0
 

@@ -164,17 +164,20 @@ def softmax_smoothed(f: Objective, z: torch.Tensor, codebook: torch.Tensor,
 
 
 class GaussianEstimate(tuple):
-    """``(mean, se, evaluations)``: the Monte Carlo estimate ``(n, d)``, its standard error per
-    row ``sqrt(tr Cov / pairs)`` ``(n,)``, and how many values of ``f`` it took."""
+    """``(mean, se, evaluations, halves)``: the Monte Carlo estimate ``(n, d)``, its standard
+    error per row ``sqrt(tr Cov / pairs)`` ``(n,)``, how many values of ``f`` it took, and the
+    estimates from the first and the second half of the pairs ``(2, n, d)`` (their cosine
+    says how well the direction is resolved)."""
 
     __slots__ = ()
 
-    def __new__(cls, mean, se, evaluations):
-        return super().__new__(cls, (mean, se, evaluations))
+    def __new__(cls, mean, se, evaluations, halves):
+        return super().__new__(cls, (mean, se, evaluations, halves))
 
     mean = property(lambda self: self[0])
     se = property(lambda self: self[1])
     evaluations = property(lambda self: self[2])
+    halves = property(lambda self: self[3])
 
 
 @torch.no_grad()
@@ -200,7 +203,7 @@ def gaussian_smoothed(f: Objective, z: torch.Tensor, codebook: torch.Tensor, sig
     n, d = z.shape
     k = len(codebook)
     rows = _rows(z) if rows is None else rows
-    means, ses, evaluations = [], [], 0
+    means, ses, halves, evaluations = [], [], [], 0
     for start in range(0, n, chunk):
         zc, rc = z[start:start + chunk], rows[start:start + chunk]
         c = len(zc)
@@ -217,23 +220,33 @@ def gaussian_smoothed(f: Objective, z: torch.Tensor, codebook: torch.Tensor, sig
         h = ((f_plus - f_minus) / (2 * sigma))[..., None] * eps  # (c, pairs, d)
         means.append(h.mean(1))
         ses.append((h.var(1).sum(-1) / pairs).sqrt())
-    return GaussianEstimate(torch.cat(means), torch.cat(ses), evaluations)
+        halves.append(torch.stack([h[:, : pairs // 2].mean(1), h[:, pairs // 2:].mean(1)]))
+    return GaussianEstimate(torch.cat(means), torch.cat(ses), evaluations, torch.cat(halves, 1))
+
+
+def _code_distances(codebook: torch.Tensor) -> torch.Tensor:
+    """``|e_j - e_k|`` for every pair of codes, ``(K, K)``, by direct differences (exact zeros
+    on the diagonal and between duplicates)."""
+    return torch.stack([(codebook - e).norm(dim=-1) for e in codebook])
 
 
 @torch.no_grad()
 def boundary_distance(z: torch.Tensor, codebook: torch.Tensor,
-                      index: torch.Tensor | None = None, *, chunk: int = 1024) -> torch.Tensor:
+                      index: torch.Tensor | None = None, *, chunk: int = 4096) -> torch.Tensor:
     """Euclidean distance from each ``z`` to the boundary of its Voronoi cell, ``(n,)``:
     ``min_k (|z - e_k|² - |z - q|²) / (2|e_k - q|)`` over the codes ``e_k ≠ q`` (the
-    distance to each bisector hyperplane; the nearest one bounds the cell)."""
+    distance to each bisector hyperplane; the nearest one bounds the cell). The numerator
+    is computed as ``|e_k|² - |q|² - 2 z·(e_k - q)``."""
     index = nearest_code(z, codebook) if index is None else index
+    width = 2 * _code_distances(codebook)  # (K, K)
+    sq = (codebook * codebook).sum(-1)  # (K,)
     out = []
     for s in range(0, len(z), chunk):
-        zc, q = z[s:s + chunk], codebook[index[s:s + chunk]]
-        diff = codebook[None] - q[:, None]  # (c, K, d): e_k - q
-        gap = (diff * (codebook[None] + q[:, None] - 2 * zc[:, None])).sum(-1)
-        width = 2 * diff.norm(dim=-1)
-        dist = torch.where(width > 0, gap / width.clamp_min(torch.finfo(z.dtype).tiny),
+        zc, ic = z[s:s + chunk], index[s:s + chunk]
+        q = codebook[ic]
+        gap = sq[None] - sq[ic][:, None] - 2 * (zc @ codebook.T - (zc * q).sum(-1, keepdim=True))
+        w = width[ic]  # (c, K)
+        dist = torch.where(w > 0, gap / w.clamp_min(torch.finfo(z.dtype).tiny),
                            torch.full_like(gap, float("inf")))
         out.append(dist.min(-1).values)
     return torch.cat(out)
@@ -242,8 +255,8 @@ def boundary_distance(z: torch.Tensor, codebook: torch.Tensor,
 @torch.no_grad()
 def nearest_other_code(index: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """The distance from each code ``codebook[index]`` to the nearest other (distinct) code."""
-    dist = torch.cdist(codebook, codebook)
-    dist[dist == 0] = float("inf")
+    dist = _code_distances(codebook)
+    dist[dist == 0] = float("inf")  # the code itself and its exact duplicates
     return dist.min(-1).values[index]
 
 
