@@ -31,7 +31,7 @@ in both, the length ``|z - q|`` is differentiated with respect to ``z`` *and* to
 noise's *standard deviation* (the parameter is called a variance there). ``sigma``
 here is that standard deviation, default ``1e-3``.
 
-**Backward** (derived in the book, chapter "What do the estimators estimate?"). With
+**Backward** (derived in :ref:`ch-estimates`, :eq:`est-nsvq` and :eq:`est-expect`). With
 ``ê = (z - q)/|z - q|`` and ``ĝ`` the gradient at the forward value:
 
 * NSVQ: ``dL/dz = ĝ + (u·ĝ) ê`` with ``u = v/|v|``; ``dL/dq = -(u·ĝ) ê``;

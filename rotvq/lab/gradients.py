@@ -15,7 +15,7 @@ encoder output ``z`` with code ``q``:
 * :func:`unquantized` -- ``∇f(z)``, the decoder fed ``z`` itself (:eq:`est-unq`): what "copying
   the gradient" pretends to compute;
 * :func:`taylor` -- ``∇f(q) + ∇²f(q)(z - q)``, the gradient at the code carried to ``z`` with one
-  Taylor term, the Hessian-vector product by double backward (:eq:`est-taylor`);
+  Taylor term, the Hessian-vector product by double backward (:eq:`est-unq`);
 * :func:`softmax_smoothed` -- ``∇_z f(q_τ(z))`` with the soft code
   ``q_τ(z) = Σ_k p_k e_k``, ``p = softmax(-|z - e_k|² / τ)`` over all ``K`` codes, exact by
   enumeration (:eq:`est-soft`);
@@ -134,7 +134,7 @@ def unquantized(f: Objective, z: torch.Tensor) -> torch.Tensor:
 
 def taylor(f: Objective, z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """``∇f(q) + ∇²f(q) (z - q)``: the gradient at the code transported to ``z`` with one
-    Taylor term; the Hessian-vector product by double backward (eq. est-taylor)."""
+    Taylor term; the Hessian-vector product by double backward (eq. est-unq)."""
     rows = _rows(z)
     with torch.enable_grad():
         leaf = q.detach().clone().requires_grad_(True)
