@@ -38,6 +38,10 @@ from .stochastic import diveq, noise_substitution
 from .backend import BACKENDS, get_backend, set_backend
 from .kmeans import kmeans, kmeans_plusplus
 from .quantizer import INITS, METRIC_NAMES, VectorQuantizer, VQOutput
+from .residual import ESTIMATOR_SCOPES, ResidualVQ, RVQOutput
+from .grouped import GroupedOutput, GroupedVQ
+from .projected import Projected
+from .fsq import FSQ
 from .search import DISTANCES, nearest_code
 
 __version__ = "0.1.0"
@@ -75,6 +79,13 @@ __all__ = [
     "Householder",
     "VectorQuantizer",
     "VQOutput",
+    "ResidualVQ",
+    "RVQOutput",
+    "ESTIMATOR_SCOPES",
+    "GroupedVQ",
+    "GroupedOutput",
+    "Projected",
+    "FSQ",
     "METRIC_NAMES",
     "set_backend",
     "get_backend",

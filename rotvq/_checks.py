@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["check_vector_pair", "check_positive_int", "check_nonnegative_int", "compute_dtype",
-           "at_least_float32", "generator_device", "input_eps"]
+           "at_least_float32", "generator_device", "input_eps", "compiling"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -94,3 +94,9 @@ def generator_device(generator: torch.Generator | None, fallback: torch.device) 
     """The device random numbers must be drawn on: the generator's own, or ``fallback``
     when drawing from torch's global generator (``generator=None``)."""
     return generator.device if generator is not None else fallback
+
+
+def compiling() -> bool:
+    """True while ``torch.compile`` traces (``torch.compiler.is_compiling``; False on old torch)."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False

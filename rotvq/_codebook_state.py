@@ -1,8 +1,9 @@
 """The state of a VQ codebook and its training-mode update (EMA, dead codes), with fixed shapes.
 
 Private helper of :mod:`rotvq.quantizer`: :class:`CodebookState` is the part of
-:class:`rotvq.VectorQuantizer` that owns the codebook, its buffers and their
-update. Everything after initialisation uses only fixed-shape tensor operations
+:class:`rotvq.VectorQuantizer` that owns the codebook, its buffers, their one-time setup
+(state broadcast and k-means init, run through :mod:`rotvq._setup`) and their
+update. Everything after the setup uses only fixed-shape tensor operations
 (``index_add_``, ``torch.where``, ``topk``, ``argsort``): no ``.item()``, no
 ``torch.unique``, no data-dependent shapes, so a training step compiles with
 ``torch.compile(fullgraph=True)``, and every rank runs the same collectives with
@@ -10,11 +11,18 @@ the same shapes whatever its data. A bad (non-finite) batch gates every update.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as D_
+from ._checks import at_least_float32, compiling, generator_device
+from ._pending import PendingUpdates
+from ._setup import SetupState
+from ._steps import raise_if_bad
+from .kmeans import kmeans
 
 __all__ = ["CodebookState", "DEAD_CODE_PATIENCE", "compiling"]
 
@@ -25,12 +33,6 @@ DEAD_CODE_PATIENCE = 16
 CANDIDATE_POOL = 8192
 
 _EXTRA = 5  # packed statistics after the K counts: n, sum|z|, sum|q|, sum|z - q|^2, non-finite rows
-
-
-def compiling() -> bool:
-    """True while ``torch.compile`` traces (``torch.compiler.is_compiling``; False on old torch)."""
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(is_compiling()) if is_compiling is not None else False
 
 
 class _Stats:
@@ -55,7 +57,7 @@ class _Stats:
         return tuple(self.packed[self.k + i] / n for i in (1, 2, 3))
 
 
-class CodebookState:
+class CodebookState(PendingUpdates, SetupState):
     """Codebook, buffers and training-mode update of :class:`rotvq.VectorQuantizer` (mixin)."""
 
     def _init_state(self) -> None:
@@ -75,8 +77,22 @@ class CodebookState:
         self.register_buffer("cluster_size", torch.ones(k))  # EMA of per-batch counts
         self.register_buffer("unused_for", torch.zeros(k))  # vectors (all ranks) since last chosen
         self.register_buffer("initialized", torch.tensor(self.init != "kmeans"))
-        self._needs_setup = True  # first training call: k-means init and one state broadcast
-        self.register_load_state_dict_post_hook(_after_load)
+        self._init_setup()  # first training call (and after a load): one state broadcast, k-means init
+
+    @property
+    def frozen(self) -> bool:
+        """Whether the codebook is frozen: training calls change no state (no EMA, dead-code reset, k-means
+        init or statistics buffer) and a learned codebook gets no gradient (``requires_grad=False``, so
+        optimizers skip it; freeze before wrapping the model in DDP). Settable at any time."""
+        return self._frozen
+
+    @frozen.setter
+    def frozen(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"frozen must be a bool, got {value!r}")
+        self._frozen = value
+        if not self.ema:
+            self.embedding.requires_grad_(not value)
 
     @property
     def codebook(self) -> torch.Tensor:
@@ -95,18 +111,71 @@ class CodebookState:
         return self.embedding
 
     def _synced_tensors(self) -> list[torch.Tensor]:
-        names = ["embedding", "cluster_size", "unused_for", "initialized"] + (["embed_sum"] if self.ema else [])
-        return [getattr(self, name) for name in names]
+        return [getattr(self, name) for name in self._synced_names()]
+
+    def _synced_names(self) -> list[str]:
+        return ["embedding", "cluster_size", "unused_for", "initialized"] + (["embed_sum"] if self.ema else [])
+
+    def _setup(self, flat_z: torch.Tensor, real: torch.Tensor | None, bad: torch.Tensor, group,
+               lead: torch.Size) -> None:
+        """The pending setup, eagerly and in place (:meth:`_setup_values`)."""
+        self._needs_setup = True
+        self._run_setup(flat_z, real, bad, lead, group)
 
     @torch.no_grad()
-    def _load_codes(self, centroids: torch.Tensor) -> None:
-        """Start from ``centroids`` (k-means init): one pseudo-observation per code."""
-        self.embedding.copy_(centroids)
-        self.cluster_size.fill_(1.0)
-        self.unused_for.zero_()
-        if self.ema:
-            self.embed_sum.copy_(self.embedding)
-        self.initialized.fill_(True)
+    def _setup_values(self, state: list[torch.Tensor], flat_z: torch.Tensor, real: torch.Tensor | None,
+                      bad: torch.Tensor, lead: torch.Size | None, group) -> tuple[list[torch.Tensor], bool]:
+        """First training call: one broadcast of the state, then the k-means init (all ranks' data).
+
+        The broadcast comes first, so that every rank decides on k-means from rank 0's
+        ``initialized`` flag: a rank resumed from a checkpoint and a fresh one (k-means
+        pending on one rank only) run the same collectives and end with the same state.
+        Returns the new values of ``state`` (:meth:`_synced_tensors`) and whether the setup is
+        done (not when no rank had data for the k-means init yet: it runs again next call).
+        """
+        # ranks constructed with different seeds agree from here on
+        v = {name: D_.broadcast_from_first(t.detach().clone(), group) for name, t in zip(self._synced_names(), state)}
+        zs = F.normalize(flat_z, dim=1) if self.distance == "cosine" else flat_z
+        if self.init == "kmeans" and not bool(v["initialized"]):
+            if self.frozen:
+                return list(v.values()), False  # a frozen codebook is not initialised; it will be once unfrozen
+            keep = ~bad if real is None else real & ~bad
+            rows = zs[keep]
+            w = D_.world_size(group)
+            per_rank = max(1, math.ceil(self.kmeans_max_points / w))
+            if rows.shape[0] > per_rank:
+                rows = rows[self._sample(rows.shape[0], per_rank, rows.device)]
+            counts = torch.stack([rows.new_tensor(rows.shape[0], dtype=torch.float64),
+                                  bad.sum().to(torch.float64)])
+            D_.all_reduce_sum(counts, group)
+            raise_if_bad(counts[1], bad, lead)
+            if int(counts[0].item()) == 0:
+                return list(v.values()), False  # no data anywhere yet: stay uninitialised, try again next call
+            acc = at_least_float32(rows.dtype)
+            padded = rows.new_zeros(per_rank, self.dim, dtype=acc)
+            padded[:rows.shape[0]] = rows.to(acc)
+            valid = torch.arange(per_rank, device=rows.device) < rows.shape[0]
+            pool = D_.all_gather_rows(torch.cat([padded, valid.to(acc)[:, None]], 1), group)
+            pool, pool_valid = pool[:, :-1], pool[:, -1] > 0  # rank 0's rows, then rank 1's, ...
+            centroids = torch.empty(self.codebook_size, self.dim, dtype=acc, device=rows.device)
+            if group is None or torch.distributed.get_rank(group) == 0:
+                centroids, _ = kmeans(pool[pool_valid], self.codebook_size, iters=self.kmeans_iters,
+                                      generator=self.generator, memory_budget=self.memory_budget,
+                                      distance=self.distance)
+            centroids = D_.broadcast_from_first(centroids.contiguous(), group)
+            # start from the centroids, one pseudo-observation per code
+            v["embedding"] = centroids.to(v["embedding"].dtype)
+            v["cluster_size"] = torch.ones_like(v["cluster_size"])
+            v["unused_for"] = torch.zeros_like(v["unused_for"])
+            v["initialized"] = torch.ones_like(v["initialized"])
+            if self.ema:
+                v["embed_sum"] = v["embedding"].clone()
+        return list(v.values()), True
+
+    def _sample(self, n: int, m: int, device: torch.device) -> torch.Tensor:
+        """``m <= n`` distinct row indices in ``[0, n)``, drawn with the layer's generator."""
+        dev = generator_device(self.generator, device)
+        return torch.randperm(n, generator=self.generator, device=dev)[:m].to(device)
 
     def _statistics(self, z_norm_rows: torch.Tensor, err_rows: torch.Tensor, zs: torch.Tensor,
                     table: torch.Tensor, indices: torch.Tensor, w: torch.Tensor | None, bad: torch.Tensor,
@@ -132,6 +201,10 @@ class CodebookState:
                          .reshape(-1))
         return _Stats(torch.cat(parts), k, self.dim)
 
+    def _candidate_rows(self, world: int) -> int:
+        """``M = min(K, max(64, CANDIDATE_POOL // world))``, the candidates one rank offers."""
+        return min(self.codebook_size, max(64, CANDIDATE_POOL // world))
+
     def _candidates(self, zs: torch.Tensor, codes: torch.Tensor, real: torch.Tensor | None,
                     acc: torch.dtype, world: int) -> torch.Tensor:
         """This rank's M replacement candidates: the rows served worst (largest ``|z - q|^2``).
@@ -145,7 +218,7 @@ class CodebookState:
         replacements as one process with the whole batch (up to exact ties, and for
         the first M dead codes of a step).
         """
-        k = min(self.codebook_size, max(64, CANDIDATE_POOL // world))
+        k = self._candidate_rows(world)
         rows = zs.to(acc)  # (N, D)
         err = (rows - codes.to(acc)).pow(2).sum(1)  # (N,)
         neg = torch.full_like(err, -torch.inf)
@@ -169,16 +242,36 @@ class CodebookState:
             return cluster_size < self.dead_code_threshold, unused
         return None, unused
 
+    def _resets(self) -> bool:
+        """Whether dead codes are replaced (the automatic rule, or a threshold > 0)."""
+        return self.dead_code_threshold is None or self.dead_code_threshold > 0
+
     @torch.no_grad()
     def _update(self, counts: torch.Tensor, n: torch.Tensor, sums: torch.Tensor | None, stats: _Stats,
                 zs: torch.Tensor, codes: torch.Tensor, real: torch.Tensor | None, group) -> None:
-        """Training-mode state update: EMA of cluster sizes (and codebook), dead codes.
+        """Training-mode state update from this batch: now, or (``manual_update``) at :meth:`update`."""
+        if self.frozen:
+            return
+        acc = counts.dtype
+        if self.manual_update:
+            candidates = (self._candidates(zs, codes, real, torch.float64, D_.world_size(group))
+                          if self._resets() else None)
+            self._accumulate(counts, n, sums, stats.bad_global, candidates)
+            return
+        candidates = self._candidates(zs, codes, real, acc, D_.world_size(group)) if self._resets() else None
+        self._apply_update(counts, n, sums, stats.bad_global, candidates, group)
+
+    @torch.no_grad()
+    def _apply_update(self, counts: torch.Tensor, n: torch.Tensor, sums: torch.Tensor | None,
+                      bad_global: torch.Tensor, candidates: torch.Tensor | None, group) -> None:
+        """EMA of cluster sizes (and codebook), dead codes, from global ``counts (K,)``, ``n ()`` and
+        ``sums (K, D)`` (EMA only), and this rank's replacement ``candidates (M, D + 1)``.
 
         Every new value is computed first and written only where the batch was
         good (finite, not empty): ``torch.where`` instead of Python branches.
         """
-        d, acc = self.decay, counts.dtype
-        ok = (stats.bad_global == 0) & (n > 0)
+        d = self.decay
+        ok = (bad_global == 0) & (n > 0)
         cluster = self.cluster_size * d + counts.to(self.cluster_size.dtype) * (1 - d)  # N_k <- d N_k + (1-d) n_k
         emb = self.embedding
         if self.ema:
@@ -191,8 +284,7 @@ class CodebookState:
                 emb = F.normalize(emb, dim=1)
         dead, unused = self._dead(counts, n, cluster)
         if dead is not None:
-            pool = D_.all_gather_rows(self._candidates(zs, codes, real, acc, D_.world_size(group)),
-                                      group)  # (W M, D + 1)
+            pool = D_.all_gather_rows(candidates, group)  # (W M, D + 1)
             rows, err = pool[:, :-1], pool[:, -1]
             order = torch.argsort(err, descending=True, stable=True)  # worst served first; padding last
             n_valid = (err > -torch.inf).sum()
@@ -218,7 +310,3 @@ class CodebookState:
         if prefix + "embedding" in state_dict:
             state_dict.setdefault(prefix + "unused_for", torch.zeros_like(self.unused_for))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-def _after_load(module: CodebookState, incompatible_keys) -> None:
-    module._needs_setup = True  # a loaded state may still wait for its k-means init

@@ -8,7 +8,9 @@ straight-through estimator (STE) or one of the Jacobian surrogates of
 :mod:`rotvq.operators`, the rotation trick by default. It keeps its state
 identical on every data-parallel rank (:mod:`rotvq.distributed`), accepts masks of
 padded positions, refuses non-finite batches before they can touch the codebook,
-and compiles with ``torch.compile(fullgraph=True)`` once initialised.
+and compiles with ``torch.compile(fullgraph=True)`` from the first training step, fresh or
+after ``load_state_dict`` (the one-time k-means init runs as an opaque operator inside the
+compiled call: ``rotvq._setup``).
 
 Loss convention. The source text (Su Jianlin, "VQ的旋转技巧", 2024, eq. in
 section 回顾) writes the VQ-VAE loss as::
@@ -38,27 +40,23 @@ References:
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from . import distributed as D_
-from ._checks import at_least_float32, check_nonnegative_int, check_positive_int, generator_device
-from ._codebook_state import DEAD_CODE_PATIENCE, CodebookState, compiling
-from .estimators import SURROGATE_NAMES, _apply_with_error, get_surrogate
-from .kmeans import kmeans
+from ._base import METRIC_NAMES, QuantizerBase, Rows, metrics
+from ._checks import at_least_float32, check_nonnegative_int, check_positive_int
+from ._codebook_state import DEAD_CODE_PATIENCE, CodebookState
+from ._steps import check_rows, code_usage, estimate, raise_if_bad, vq_losses
+from .estimators import SURROGATE_NAMES, get_surrogate
 from .operators import JacobianSurrogate
 from .search import DEFAULT_MEMORY_BUDGET, DISTANCES, nearest_code
 
 __all__ = ["INITS", "METRIC_NAMES", "DEAD_CODE_PATIENCE", "VQOutput", "VectorQuantizer"]
 
 INITS = ("normal", "uniform", "kmeans")
-#: Keys of :meth:`VQOutput.metrics`, in order.
-METRIC_NAMES = ("loss", "codebook_loss", "commitment_loss", "usage", "perplexity", "z_norm", "q_norm",
-                "quantization_error")
 
 
 class VQOutput(NamedTuple):
@@ -83,11 +81,10 @@ class VQOutput(NamedTuple):
 
     def metrics(self) -> dict[str, float]:
         """The scalar fields as python floats, keys :data:`METRIC_NAMES`, in one host transfer."""
-        values = torch.stack([getattr(self, name).detach().double() for name in METRIC_NAMES]).tolist()
-        return dict(zip(METRIC_NAMES, values))
+        return metrics(self)
 
 
-class VectorQuantizer(CodebookState, nn.Module):
+class VectorQuantizer(CodebookState, QuantizerBase):
     """Nearest-code vector quantiser with a pluggable gradient estimator.
 
     Args:
@@ -115,7 +112,9 @@ class VectorQuantizer(CodebookState, nn.Module):
             construction, makes that mistake impossible to make silently. A sequence
             model whose length can equal ``D`` passes ``channel_first=False``: with
             ``None`` such a batch raises, mid-training if it comes late.
-        codebook_weight: beta, weight of the codebook term (>= 0, default 1.0).
+        codebook_weight: beta, weight of the codebook term (>= 0; default ``None``: 1.0). With
+            ``ema=True`` there is no codebook term (the EMA update moves the codes): a value
+            other than 1.0 raises ``ValueError`` instead of being ignored.
         commitment_weight: gamma, weight of the commitment term (>= 0, default 0.25).
         ema: learn the codebook by exponential moving averages of cluster sizes
             and sums (a buffer, updated in training mode only; the codebook term is
@@ -159,6 +158,14 @@ class VectorQuantizer(CodebookState, nn.Module):
         process_group: the group to synchronise over (``None``: the default group).
         generator: optional ``torch.Generator`` for the random init and the
             k-means init (``None``: torch's global generator).
+        freeze: start frozen (see :attr:`frozen`): training calls change no state and a
+            learned codebook gets no gradient.
+        manual_update: accumulate training calls' updates and apply them with
+            :meth:`update` (gradient accumulation: several micro-batches, one EMA and
+            dead-code step equal to one on their union; ``rotvq._pending``).
+        zero_masked: masked positions get ``quantized = 0`` and ``indices = -1`` (default:
+            their nearest code and its index); :meth:`get_codes_from_indices` then maps ``-1``
+            to zeros.
 
     Several processes. With ``sync=True`` the per-code counts and sums of each
     training batch are summed over ranks before the EMA and dead-code updates, the
@@ -197,16 +204,24 @@ class VectorQuantizer(CodebookState, nn.Module):
 
     def __init__(self, dim: int, codebook_size: int, *, estimator: str | JacobianSurrogate = "rotation",
                  distance: str = "euclidean", channel_first: bool | None = None,
-                 codebook_weight: float = 1.0, commitment_weight: float = 0.25, ema: bool = False,
+                 codebook_weight: float | None = None, commitment_weight: float = 0.25, ema: bool = False,
                  decay: float = 0.99, eps: float = 1e-5, init: str = "kmeans", init_scale: float = 1.0,
                  kmeans_iters: int = 10, kmeans_max_points: int = 65536,
                  dead_code_threshold: float | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                 sync: bool = True, process_group=None, generator: torch.Generator | None = None) -> None:
-        nn.Module.__init__(self)
+                 sync: bool = True, process_group=None, generator: torch.Generator | None = None,
+                 freeze: bool = False, manual_update: bool = False, zero_masked: bool = False) -> None:
+        QuantizerBase.__init__(self)
         for name, value in (("dim", dim), ("codebook_size", codebook_size),
                             ("kmeans_max_points", kmeans_max_points), ("memory_budget", memory_budget)):
             check_positive_int(name, value)
         check_nonnegative_int("kmeans_iters", kmeans_iters)
+        if ema and codebook_weight is not None and codebook_weight != 1.0:
+            raise ValueError(f"codebook_weight={codebook_weight!r} has no effect with ema=True: the EMA update moves "
+                             "the codes and the loss has no codebook term; leave codebook_weight unset")
+        codebook_weight = 1.0 if codebook_weight is None else codebook_weight
+        for name, value in (("freeze", freeze), ("manual_update", manual_update), ("zero_masked", zero_masked)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {value!r}")
         checks = (("codebook_weight", codebook_weight >= 0), ("commitment_weight", commitment_weight >= 0),
                   ("decay", 0 < decay < 1), ("eps", eps > 0), ("init_scale", init_scale > 0),
                   ("dead_code_threshold", dead_code_threshold is None or dead_code_threshold >= 0))
@@ -231,8 +246,10 @@ class VectorQuantizer(CodebookState, nn.Module):
         self.kmeans_iters, self.kmeans_max_points = kmeans_iters, kmeans_max_points
         self.dead_code_threshold = None if dead_code_threshold is None else float(dead_code_threshold)
         self.memory_budget, self.sync, self.process_group = memory_budget, bool(sync), process_group
-        self.generator = generator
+        self.generator, self.zero_masked = generator, zero_masked
         self._init_state()
+        self.frozen = freeze
+        self._init_pending(manual_update)
 
     @staticmethod
     def _resolve_estimator(estimator: str | JacobianSurrogate) -> JacobianSurrogate:
@@ -250,85 +267,6 @@ class VectorQuantizer(CodebookState, nn.Module):
         return (f"dim={self.dim}, codebook_size={self.codebook_size}, estimator={est!r}, "
                 f"distance={self.distance!r}, channel_first={self.channel_first}, ema={self.ema}, "
                 f"init={self.init!r}")
-
-    # ------------------------------------------------------------------ layout
-
-    def _channel_first_for(self, z: torch.Tensor) -> bool:
-        if self.channel_first is not None:
-            return self.channel_first
-        if z.dim() >= 4:
-            raise ValueError(f"input of shape {tuple(z.shape)} has {z.dim()} dimensions: pass "
-                             "channel_first=True for (B, C, *spatial) feature maps or channel_first=False "
-                             "for (..., C) when constructing the VectorQuantizer (the layout is not "
-                             "guessed from sizes)")
-        if z.dim() == 3 and z.shape[1] == self.dim == z.shape[2]:
-            raise ValueError(f"input of shape {tuple(z.shape)} is ambiguous: both axis 1 and axis 2 have "
-                             f"size dim={self.dim}; pass channel_first=True or False at construction "
-                             "(channel_first=False for (B, T, D) sequences whose length may equal dim)")
-        return False
-
-    def _to_rows(self, z: object) -> tuple[torch.Tensor, bool, torch.Size]:
-        """``(flat (N, D), channel_first, leading shape)`` of a validated input."""
-        if not isinstance(z, torch.Tensor) or not torch.is_floating_point(z):
-            raise TypeError(f"input must be a floating-point tensor, got "
-                            f"{z.dtype if isinstance(z, torch.Tensor) else type(z).__name__}")
-        cf = self._channel_first_for(z)
-        axis = 1 if cf else -1
-        if z.dim() < (2 if cf else 1) or z.shape[axis] != self.dim:
-            where = "axis 1 (channel_first=True)" if cf else "last axis"
-            hint = ""
-            if not cf and z.dim() >= 2 and z.shape[1] == self.dim:
-                hint = "; for a channel-first (B, C, *spatial) input construct the layer with channel_first=True"
-            raise ValueError(f"the input's {where} must have size dim={self.dim}, got shape "
-                             f"{tuple(z.shape)}{hint}")
-        if z.device != self.embedding.device:  # before the k-means init could copy CPU codes into a GPU layer
-            raise ValueError(f"input is on {z.device}, the codebook on {self.embedding.device}")
-        zl = z.movedim(1, -1) if cf else z  # (..., D)
-        return zl.reshape(-1, self.dim), cf, zl.shape[:-1]
-
-    def _from_rows(self, rows: torch.Tensor, cf: bool, lead: torch.Size) -> torch.Tensor:
-        out = rows.reshape(*lead, rows.shape[-1])
-        return out.movedim(-1, 1) if cf else out
-
-    def _check_mask(self, mask: object, lead: torch.Size, z: torch.Tensor) -> torch.Tensor | None:
-        if mask is None:
-            return None
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor (True = real data), got "
-                            f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
-        if mask.shape != lead:
-            raise ValueError(f"mask must have the input's leading shape {tuple(lead)} (no channel axis), "
-                             f"got {tuple(mask.shape)}")
-        if mask.device != z.device:
-            raise ValueError(f"mask is on {mask.device}, input on {z.device}")
-        return mask.reshape(-1)
-
-    def get_codes_from_indices(self, indices: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The codes of ``indices`` in the layer's layout.
-
-        Args:
-            indices: int64 ``(B, *spatial)`` (channel-first) or ``(...)``, values in ``[0, K)``.
-            dtype: output dtype (default: the codebook's); pass the input's dtype to
-                get, in eval mode, exactly the ``quantized`` of the call that produced
-                ``indices`` (bitwise).
-
-        Returns:
-            ``(B, D, *spatial)`` with ``channel_first=True``, else ``(..., D)``; unit
-            codes for cosine distance.
-        """
-        if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"indices must be an int64 or int32 tensor, got "
-                            f"{indices.dtype if isinstance(indices, torch.Tensor) else type(indices).__name__}")
-        if not compiling() and indices.numel():  # negative indices would wrap around silently
-            low, high = int(indices.min()), int(indices.max())
-            if low < 0 or high >= self.codebook_size:
-                raise ValueError(f"indices must lie in [0, {self.codebook_size}), got values in [{low}, {high}]")
-        codes = self.codes().detach()[indices]  # (..., D)
-        if dtype is not None:
-            codes = codes.to(dtype)
-        return codes.movedim(-1, 1) if self.channel_first and indices.dim() >= 1 else codes
-
-    # ------------------------------------------------------------------ forward
 
     def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> VQOutput:
         """Quantise ``z``, compute the VQ losses and statistics, and (training) update the codebook.
@@ -362,45 +300,43 @@ class VectorQuantizer(CodebookState, nn.Module):
             ValueError: wrong channel size, ambiguous layout (see ``channel_first``),
                 mask of the wrong shape, NaN or inf in an unmasked row.
         """
-        flat, cf, lead = self._to_rows(z)  # (N, D)
-        real = self._check_mask(mask, lead, z)  # (N,) bool or None
-        group = D_.resolve_group(self.sync, self.process_group) if self.training else None
-        acc = at_least_float32(torch.promote_types(self.embedding.dtype, z.dtype))
-        with torch.no_grad():
-            z_norm_rows = torch.linalg.vector_norm(flat.detach().to(acc), dim=1)  # (N,) reused by the statistics
-        bad = _nonfinite_rows(flat.detach(), z_norm_rows)  # (N,)
-        if real is not None:
-            bad = bad & real
-        if self.training and self._needs_setup:
-            self._setup(flat.detach(), real, bad, group, lead)
+        return super().forward(z, mask)
 
-        # assign
+    def quantize_rows(self, flat: torch.Tensor, real: torch.Tensor | None, lead: torch.Size) -> Rows:
+        """:meth:`forward` on rows ``(N, D)``: assign → estimate → losses → statistics → update.
+
+        Args:
+            flat: ``(N, D)`` encoder outputs (any floating dtype).
+            real: ``(N,)`` bool (True = real data) or ``None``.
+            lead: the input's leading shape (error messages name positions in it).
+
+        Returns:
+            :class:`rotvq._base.Rows`: ``z_q`` and ``q`` ``(N, D)``, ``indices`` ``(N,)``, the scalars.
+        """
+        group = self._group()
+        acc = at_least_float32(torch.promote_types(self.embedding.dtype, flat.dtype))
+        z_norm_rows, bad = check_rows(flat, real, acc)  # (N,) norms reused by the statistics, (N,) NaN/inf
+        if self.training:
+            self._run_setup(flat.detach(), real, bad, lead, group)  # pending: state broadcast, k-means init
+
+        # assign: the nearest code (exact; fixed shapes when compiled)
         zg = flat if real is None else torch.where(real[:, None], flat, flat.detach())  # no gradient to padding
         zs = F.normalize(zg, dim=1) if self.distance == "cosine" else zg  # (N, D) what is quantised
         table = self.codes()  # (K, D), carries the codebook's gradient when learned by gradient
         indices = nearest_code(zs.detach(), table.detach(), distance=self.distance,
-                               memory_budget=self.memory_budget)  # (N,) exact; fixed shapes when compiled
+                               memory_budget=self.memory_budget)  # (N,)
         codes = table[indices]  # (N, D)
-        q = codes.detach().to(z.dtype)  # (N, D) chosen codes in the input dtype
-        if real is not None:  # masked rows become their own code: zero loss, zero gradient, never NaN
-            zs = torch.where(real[:, None], zs, q.to(zs.dtype))
-        # estimate: forward value exactly q; backward sends G^T g to z (STE, rotation trick, ...)
-        # and |z - q|^2 per row (the commitment term), in one autograd node
-        z_q, err_rows = _apply_with_error(zs, q, codes.detach(), self._op, acc)
-        if real is not None:  # exactly 0 on masked rows (z := q there, but q may be a rounded code)
-            err_rows = torch.where(real, err_rows, torch.zeros_like(err_rows))
+        q = codes.detach().to(flat.dtype)  # (N, D) chosen codes in the input dtype
 
-        # losses (this rank's real rows; DDP averages their gradients)
+        # estimate: z_q = sg[G] z + sg[q - G z] (eq. gen-def), and |z - q|^2 per row
+        z_q, err_rows, zs = estimate(zs, q, codes.detach(), self._op, real, acc)
+
+        # losses: this rank's real rows (DDP averages their gradients)
         w = None if real is None else real.to(acc)[:, None]  # (N, 1)
-        n_local = flat.new_tensor(flat.shape[0], dtype=acc) if w is None else w.sum()
-        entries = (n_local * self.dim).clamp_min(1)
-        commitment_loss = err_rows.sum() / entries
-        loss = self.commitment_weight * commitment_loss
-        if self.ema:  # the codebook term moves nothing (the EMA update replaces it): its value only
-            codebook_loss = commitment_loss.detach()  # (q - z)^2 == (z - q)^2 bitwise
-        else:
-            codebook_loss = (codes.to(acc) - zs.detach().to(acc)).pow(2).sum(1).sum() / entries
-            loss = loss + self.codebook_weight * codebook_loss
+        learned = not (self.ema or self.frozen)  # a codebook term only for a codebook learned by gradient
+        loss, codebook_loss, commitment_loss = vq_losses(
+            err_rows, codes if learned else None, zs, w, self.dim, self.commitment_weight,
+            self.codebook_weight if learned else None, acc)
 
         # statistics (global batch with synchronisation), then the update
         with torch.no_grad():
@@ -408,91 +344,47 @@ class VectorQuantizer(CodebookState, nn.Module):
                                      bad, acc)
             D_.all_reduce_sum(stats.packed, group)
             counts, n, sums = stats.unpack()
-            self._raise_if_bad(stats.bad_global, bad, lead)
-            p = counts / n.clamp_min(1)
-            perplexity = torch.exp(-torch.special.xlogy(p, p).sum())
-            usage = (counts > 0).to(acc).mean()
+            raise_if_bad(stats.bad_global, bad, lead)
+            usage, perplexity = code_usage(counts, n, acc)
             z_norm, q_norm, quantization_error = stats.means()
             if self.training:
                 self._update(counts, n, sums, stats, zs.detach(), codes.detach(), real, group)
-        return VQOutput(self._from_rows(z_q, cf, lead), indices.reshape(lead), loss, codebook_loss,
-                        commitment_loss, usage, perplexity, z_norm, q_norm, quantization_error)
+        return Rows(z_q, q, indices, loss, codebook_loss, commitment_loss, usage, perplexity, z_norm, q_norm,
+                    quantization_error)
 
-    def _raise_if_bad(self, bad_global: torch.Tensor, bad: torch.Tensor, lead: torch.Size) -> None:
-        """ValueError for non-finite rows (eager only; compiled code gates the updates instead)."""
-        if compiling():
-            return
-        total = int(bad_global.item())
-        if total == 0:
-            return
-        local = int(bad.sum().item())
-        if local:
-            first = int(torch.nonzero(bad)[0].item())
-            where = []
-            for size in reversed(lead):  # the flat row index as an index into the leading shape
-                first, rest = divmod(first, size)
-                where.insert(0, rest)
-            where = tuple(where)
-            raise ValueError(f"input has {local} row(s) with NaN or inf (first at leading index {where}); "
-                             "nothing was updated")
-        raise ValueError(f"another rank's input has NaN or inf in {total} row(s); nothing was updated")
+    def _group(self):
+        """The process group this training call synchronises over (``None``: none, and in eval mode)."""
+        return D_.resolve_group(self.sync, self.process_group) if self.training else None
 
-    @torch.no_grad()
-    def _setup(self, flat_z: torch.Tensor, real: torch.Tensor | None, bad: torch.Tensor, group,
-               lead: torch.Size) -> None:
-        """First training call: one broadcast of the state, then the k-means init (all ranks' data).
+    def _make_output(self, quantized, indices, rows: Rows, cf: bool, lead: torch.Size) -> VQOutput:
+        return VQOutput(quantized, indices, *rows.scalars())
 
-        The broadcast comes first, so that every rank decides on k-means from rank 0's
-        ``initialized`` flag: a rank resumed from a checkpoint and a fresh one (k-means
-        pending on one rank only) run the same collectives and end with the same state.
+    def _check_device(self, z: torch.Tensor) -> None:
+        if z.device != self.embedding.device:  # before the k-means init could copy CPU codes into a GPU layer
+            raise ValueError(f"input is on {z.device}, the codebook on {self.embedding.device}")
+
+    def _index_sizes(self) -> tuple[int, ...]:
+        return (self.codebook_size,)
+
+    def _allows_missing(self) -> bool:
+        return self.zero_masked
+
+    def _codes_rows(self, indices: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        codes = self.codes().detach()[indices.clamp_min(0)]  # (..., D)
+        codes = torch.where((indices >= 0)[..., None], codes, torch.zeros_like(codes))  # -1: no code
+        return codes if dtype is None else codes.to(dtype)
+
+    def get_codes_from_indices(self, indices: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The codes of ``indices`` in the layer's layout.
+
+        Args:
+            indices: int64 ``(B, *spatial)`` (channel-first) or ``(...)``, values in ``[0, K)``.
+            dtype: output dtype (default: the codebook's); pass the input's dtype to
+                get, in eval mode, exactly the ``quantized`` of the call that produced
+                ``indices`` (bitwise).
+
+        Returns:
+            ``(B, D, *spatial)`` with ``channel_first=True``, else ``(..., D)``; unit
+            codes for cosine distance.
         """
-        for tensor in self._synced_tensors():  # ranks constructed with different seeds agree from here on
-            D_.broadcast_from_first(tensor.data, group)
-        zs = F.normalize(flat_z, dim=1) if self.distance == "cosine" else flat_z
-        if self.init == "kmeans" and not bool(self.initialized):
-            keep = ~bad if real is None else real & ~bad
-            rows = zs[keep]
-            w = D_.world_size(group)
-            per_rank = max(1, math.ceil(self.kmeans_max_points / w))
-            if rows.shape[0] > per_rank:
-                rows = rows[self._sample(rows.shape[0], per_rank, rows.device)]
-            counts = torch.stack([rows.new_tensor(rows.shape[0], dtype=torch.float64),
-                                  bad.sum().to(torch.float64)])
-            D_.all_reduce_sum(counts, group)
-            self._raise_if_bad(counts[1], bad, lead)
-            if int(counts[0].item()) == 0:
-                return  # no data anywhere yet: stay uninitialised, try again next call
-            acc = at_least_float32(rows.dtype)
-            padded = rows.new_zeros(per_rank, self.dim, dtype=acc)
-            padded[:rows.shape[0]] = rows.to(acc)
-            valid = torch.arange(per_rank, device=rows.device) < rows.shape[0]
-            pool = D_.all_gather_rows(torch.cat([padded, valid.to(acc)[:, None]], 1), group)
-            pool, pool_valid = pool[:, :-1], pool[:, -1] > 0  # rank 0's rows, then rank 1's, ...
-            centroids = torch.empty(self.codebook_size, self.dim, dtype=acc, device=rows.device)
-            if group is None or torch.distributed.get_rank(group) == 0:
-                centroids, _ = kmeans(pool[pool_valid], self.codebook_size, iters=self.kmeans_iters,
-                                      generator=self.generator, memory_budget=self.memory_budget,
-                                      distance=self.distance)
-            self._load_codes(D_.broadcast_from_first(centroids.contiguous(), group))
-        self._needs_setup = False
-
-    def _sample(self, n: int, m: int, device: torch.device) -> torch.Tensor:
-        """``m <= n`` distinct row indices in ``[0, n)``, drawn with the layer's generator."""
-        dev = generator_device(self.generator, device)
-        return torch.randperm(n, generator=self.generator, device=dev)[:m].to(device)
-
-
-def _nonfinite_rows(flat: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
-    """``(N,)`` bool, True on the rows of ``flat`` that hold a NaN or an inf.
-
-    ``norms`` are the rows' 2-norms: a finite norm proves a finite row, so in eager mode
-    only the rows with a non-finite norm (non-finite entries, or a sum of squares that
-    overflows) are read again. Compiled code checks every entry (no data-dependent shapes).
-    """
-    if compiling():
-        return ~torch.isfinite(flat).all(1)
-    suspect = ~torch.isfinite(norms)
-    if bool(suspect.any()):
-        rows = suspect.nonzero().squeeze(1)
-        suspect[rows] = ~torch.isfinite(flat[rows]).all(1)
-    return suspect
+        return super().get_codes_from_indices(indices, dtype)

@@ -275,13 +275,17 @@ def audit_page(claims: list[dict], labels: dict[str, tuple[str, str]],
         "The verdicts mean:",
         "",
         "- **confirmed**: a symbolic derivation, a numerical check or an experiment agrees, "
-        "at the scale the note gives;",
+        "at the scale the note gives (a prediction or a recommendation: in every "
+        "configuration of the book's record it applies to);",
         "- **partly**: true under one reading, in one case or for one half of the claim, "
-        "and not otherwise (the note says which);",
+        "and not otherwise (the note says which; a prediction or a recommendation: in some "
+        "of the record's configurations);",
         "- **wrong**: a derivation or a counterexample refutes the claim as stated;",
         "- **unsupported**: the claim cannot be tested as stated (undefined constants, no "
-        "mechanism), or it is a report or a prediction that the book's experiments do not "
-        "reproduce; a small model here does not refute a report about another model.",
+        "mechanism); or it reports an experiment on someone else's model, which the book "
+        "cannot rerun and its runs neither confirm nor refute (the note says in how many of "
+        "the record's configurations the same pattern appears); or it is a prediction or "
+        "a recommendation that holds in none of them.",
         "",
         "## Counts",
         "",

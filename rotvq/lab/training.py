@@ -121,7 +121,9 @@ class TrainConfig:
     # --- quantizer (rotvq.VectorQuantizer)
     estimator: str = _field("rotation", "gradient estimator", "quantizer", choices=SURROGATE_NAMES)
     distance: str = _field("euclidean", "nearest-code criterion", "quantizer", choices=DISTANCES)
-    init: str = _field("normal", "codebook initialisation", "quantizer", choices=INITS)
+    init: str = _field("kmeans", "codebook initialisation (kmeans: on the first batch, the layer's "
+                                 "default; normal codes left the default run using 5 to 8 in 100 codes)",
+                       "quantizer", choices=INITS)
     init_scale: float = _field(1.0, "std (normal) or half-width (uniform) of the initial codes; "
                                     "small values give |q| << |z|", "quantizer", check="positive")
     beta: float = _field(1.0, "codebook-loss weight |q - sg[z]|^2 (VectorQuantizer's "
@@ -133,7 +135,9 @@ class TrainConfig:
                           "quantizer", check="open_unit")
     dead_code_threshold: float | None = _field(0.0, "restart codes whose EMA count falls below "
                                                     "this; 0: never; none: the layer's automatic "
-                                                    "rule", "quantizer", check="nonnegative")
+                                                    "rule (the layer's default; 0 here because the "
+                                                    "scaling chapter's live runs build on it)",
+                                               "quantizer", check="nonnegative")
     # --- model (rotvq.lab.models)
     model: str = _field("mlp", "mlp (flat inputs) or conv (channel-first images)", "model",
                         choices=MODELS)
