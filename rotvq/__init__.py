@@ -10,7 +10,10 @@ The estimators (forward value exactly ``q``, backward ``G^T g``):
 True
 
 See :mod:`rotvq.estimators` and :mod:`rotvq.operators`; the book (``book/``) derives
-each formula and checks it.
+each formula and checks it. Two stochastic estimators from the later literature, NSVQ
+(:func:`noise_substitution`) and DiVeQ (:func:`diveq`), are in :mod:`rotvq.stochastic`:
+their forward value in training is a random point near ``q``, not ``q``; in eval mode
+(``training=False``) they return ``q`` exactly.
 """
 from .estimators import (
     SURROGATE_NAMES,
@@ -31,6 +34,7 @@ from .operators import (
     Rotation,
     TangentRotation,
 )
+from .stochastic import diveq, noise_substitution
 from .backend import BACKENDS, get_backend, set_backend
 from .kmeans import kmeans, kmeans_plusplus
 from .quantizer import INITS, METRIC_NAMES, VectorQuantizer, VQOutput
@@ -63,6 +67,8 @@ __all__ = [
     "get_surrogate",
     "apply_estimator",
     "SURROGATE_NAMES",
+    "noise_substitution",
+    "diveq",
     "JacobianSurrogate",
     "Identity",
     "Dense",

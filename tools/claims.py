@@ -47,7 +47,7 @@ BOOK = ROOT / "book"
 REGISTRY = BOOK / "claims.yml"
 AUDIT_PAGE = BOOK / "claim_audit.md"
 #: The pages with a generated closing cell, in book order (Appendix A included).
-CHAPTERS = ("ste", "generalized", "rotation", "scaling", "benchmarks")
+CHAPTERS = ("ste", "generalized", "rotation", "scaling", "estimates", "benchmarks")
 
 VERDICTS = ("confirmed", "partly", "wrong", "unsupported")
 #: source key -> how a row names it ("derivation notes, Prop. 8.2").
@@ -202,7 +202,7 @@ def _link(label: str, labels: dict[str, tuple[str, str]]) -> str:
     kind = labels.get(label, (None, "target"))[1]
     if kind == "eq":
         return f"{{eq}}`{label}`"
-    text = re.sub(r"^(ste|gen|rot|scale|bench|audit)-(check-)?", "", label).replace("-", " ")
+    text = re.sub(r"^(ste|gen|rot|scale|est|bench|audit)-(check-)?", "", label).replace("-", " ")
     if label.startswith("audit-"):
         text = "argument"
     return f"{{ref}}`{text} <{label}>`"

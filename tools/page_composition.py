@@ -28,7 +28,7 @@ import re
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CHAPTERS = ("ste", "generalized", "rotation", "scaling", "benchmarks")
+CHAPTERS = ("ste", "generalized", "rotation", "scaling", "estimates", "benchmarks")
 WIDTH = 1280
 
 MEASURE = r"""
