@@ -24,7 +24,7 @@ and ``commitment_weight`` is gamma (default 1.0), as in :eq:`scale-loss` of
 :ref:`ch-scaling`. Note that van den Oord et al. (2017, eq. 3) use the opposite
 naming: their ``beta`` (0.25) weighs the commitment term and the codebook term has
 weight 1. This layer's default commitment weight is 1, not their 0.25: the scaling
-study's decision table chose it (:ref:`scale-defaults`). Both terms are mean squared errors over all ``N * D`` entries of the
+study's decision table chose it (:ref:`the defaults table <scale-defaults>`). Both terms are mean squared errors over all ``N * D`` entries of the
 (unmasked) batch.
 
 References:
@@ -117,7 +117,7 @@ class VectorQuantizer(CodebookState, QuantizerBase):
             ``ema=True`` there is no codebook term (the EMA update moves the codes): a value
             other than 1.0 raises ``ValueError`` instead of being ignored.
         commitment_weight: gamma, weight of the commitment term (>= 0, default 1.0). The
-            default follows the scaling study's decision rule (:ref:`scale-defaults`): with
+            default follows the scaling study's decision rule (:ref:`the defaults table <scale-defaults>`): with
             this layer's other defaults, gamma = 1 reconstructs better than 1/4 on every
             seed in every configuration of the record at ``d >= 32`` (the table there,
             computed from ``book/records/``; one convolutional model, 3 seeds, 1,000 steps:
@@ -133,7 +133,7 @@ class VectorQuantizer(CodebookState, QuantizerBase):
             start where the data is, whatever its scale: ``|q|/|z|`` starts near 1,
             against far below 1 for small random codes (:ref:`scale-check-lambda0`),
             and with the automatic resets it beats k-means codes without them and
-            small codes in the study's record (:ref:`scale-defaults`). Until the first
+            small codes in the study's record (:ref:`the defaults table <scale-defaults>`). Until the first
             training batch the codebook holds a normal(0, ``init_scale``)
             placeholder, which eval-mode calls use as is. ``"normal"`` (std
             ``init_scale``) and ``"uniform"`` (on ``[-init_scale, init_scale]``)

@@ -222,9 +222,9 @@ def summarize(estimate: torch.Tensor, reference: torch.Tensor, *, cells: torch.T
             comparison ``"vs_ste"``.
 
     Returns:
-        ``{"cos": [q25, median, q75], "err": [q25, median, q75], "cos_rel": [median per bin],
-        "cos_boundary": [...], "err_rel": [...], "err_boundary": [...], "cell": {...}}``
-        plus, with ``draws``, ``"cos1"`` (quartiles of one draw's cosine) and ``"noise"``
+        a dict with the keys ``cos`` and ``err`` (quartiles ``[q25, median, q75]``),
+        ``cos_rel``, ``cos_boundary``, ``err_rel``, ``err_boundary`` (a median per bin) and
+        ``cell``, plus, with ``draws``, ``"cos1"`` (quartiles of one draw's cosine) and ``"noise"``
         (quartiles of ``sqrt(E|draw - mean|²)/|reference|``); with ``baseline``, ``"vs_ste"``:
         the fraction of encoder outputs where this estimator's cosine is higher than the
         baseline's (``"closer"``) and lower (``"farther"``), the same for the relative
