@@ -10,7 +10,7 @@ The estimators (forward value exactly ``q``, backward ``G^T g``):
 True
 
 See :mod:`rotvq.estimators` and :mod:`rotvq.operators`; the book (``book/``) derives
-each formula and checks it. Two stochastic estimators from the later literature, NSVQ
+each formula and checks it. Two stochastic estimators from the literature, NSVQ
 (:func:`noise_substitution`) and DiVeQ (:func:`diveq`), are in :mod:`rotvq.stochastic`:
 their forward value in training is a random point near ``q``, not ``q``; in eval mode
 (``training=False``) they return ``q`` exactly.

@@ -1,4 +1,4 @@
-r"""Stochastic estimators from the literature after the rotation trick: NSVQ and DiVeQ.
+r"""Two stochastic estimators from the literature: NSVQ (2022) and DiVeQ (2025).
 
 These two do **not** keep the promise of :mod:`rotvq.estimators`. In training their
 forward value is ``q`` plus a random error of the size of ``|z - q|`` (NSVQ) or a

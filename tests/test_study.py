@@ -252,3 +252,30 @@ def test_cli_list_status_and_only(tmp_path, capsys, monkeypatch):
     for bad in (["--only", "latent_dim=eight"], ["--only", "colour=red"], ["--only", "seed"]):
         with pytest.raises(SystemExit):
             S.main(["run", "scaling-digits", "--records", str(tmp_path), *bad])
+
+
+def test_the_stored_emulation_measurement_matches_the_record_and_the_live_runs():
+    """book/records/live-emulation-scaling.json (tools/live_emulation.py) is about the runs the
+    chapter retrains, with the record's values, and its fractions follow from its own numbers."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    records = root / "book" / "records"
+    stored = json.loads((records / "live-emulation-scaling.json").read_text(encoding="utf-8"))
+    record = S.Record([r for name in ("scaling-digits.jsonl", "scaling-patches.jsonl")
+                       for r in S.load_record(records / name).rows])
+    rows = [record.select(**where).rows for where in S.LIVE_RUNS["scaling"]]
+    assert all(len(found) == 1 for found in rows)
+    by_key = {found[0]["key"]: found[0] for found in rows}
+    assert stored["runs"] == list(by_key)
+    assert stored["settings"]["native"]["worst"] == 0.0  # this machine reproduces its own record
+    for setting in stored["settings"].values():
+        assert len(setting["entries"]) == len(by_key) * len(S.LIVE_METRICS)
+        for e in setting["entries"]:
+            row = by_key[e["key"]]
+            step = row["evals"][0]
+            assert e["record"] == row["test"][str(step)][e["metric"]]
+            allowed = S.tolerance(record, row, e["metric"], step)
+            assert e["fraction"] == pytest.approx(abs(e["live"] - e["record"]) / allowed, rel=1e-12)
+        assert setting["worst"] == max(e["fraction"] for e in setting["entries"])
+    assert stored["worst"] == max(s["worst"] for s in stored["settings"].values()) < 1
