@@ -6,7 +6,8 @@
 * every chapter states near its top how long it took to run, from the measured
   ``book/_timings.json`` (written by ``tools/execute_notebook.py``), not a typed number;
 * every chapter in the toc links to the API reference at least once;
-* the toc lists the API page, and only pages that exist.
+* the toc lists the API page, and only pages that exist;
+* no stored notebook names a path of the machine that ran it (a reader's machine has none).
 
 The rendered result is checked in a real browser by tests/test_browser.py.
 """
@@ -94,3 +95,21 @@ def test_api_page_documents_every_public_name():
     documented = set(re.findall(r"^\.\. (?:auto\w+|py:\w+):: (?:rotvq\.)?([\w.]+)", api, flags=re.MULTILINE))
     missing = sorted(set(rotvq.__all__) - documented)
     assert not missing, f"public names without an entry on the API page (book/api.md): {missing}"
+
+
+#: Absolute paths of one machine: home and temporary folders, checkouts, virtual environments.
+_MACHINE_PATH = re.compile(r"(?<![\w.])/(?:tmp|home|root|work|Users|private|var/folders)/"
+                           r"|site-packages|[A-Z]:\\{1,2}Users")  # one backslash, or two in JSON
+
+
+@pytest.mark.parametrize("path", CHAPTERS + sorted(BOOK.glob("*.md")), ids=lambda p: p.name)
+def test_no_machine_paths_in_stored_pages(path):
+    found = [m.group(0) for m in _MACHINE_PATH.finditer(path.read_text(encoding="utf-8"))]
+    assert not found, f"{path.name} names paths of the machine that wrote it: {sorted(set(found))}"
+
+
+def test_the_machine_path_check_can_fail(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("out = '/tmp/quick.json'", encoding="utf-8")
+    assert _MACHINE_PATH.search(page.read_text(encoding="utf-8"))
+    assert not _MACHINE_PATH.search("see book/records/ and quick.json, a/tmp/b")
