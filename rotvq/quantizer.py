@@ -41,6 +41,7 @@ References:
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -229,6 +230,11 @@ class VectorQuantizer(CodebookState, QuantizerBase):
         for name, value in (("freeze", freeze), ("manual_update", manual_update), ("zero_masked", zero_masked)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool, got {value!r}")
+        for name, value in (("commitment_weight", commitment_weight), ("decay", decay), ("eps", eps),
+                            ("init_scale", init_scale), ("codebook_weight", codebook_weight),
+                            ("dead_code_threshold", dead_code_threshold)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+                raise TypeError(f"{name} must be a real number, got {value!r}")
         checks = (("codebook_weight", codebook_weight >= 0), ("commitment_weight", commitment_weight >= 0),
                   ("decay", 0 < decay < 1), ("eps", eps > 0), ("init_scale", init_scale > 0),
                   ("dead_code_threshold", dead_code_threshold is None or dead_code_threshold >= 0))

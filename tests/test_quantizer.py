@@ -1,10 +1,12 @@
 """Tests of rotvq.quantizer.VectorQuantizer."""
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import rotvq
 from rotvq.estimators import SURROGATE_NAMES, get_surrogate
 from rotvq.quantizer import VectorQuantizer, VQOutput
 
@@ -236,6 +238,17 @@ def test_empty_batch(ema):
 def test_bad_construction(kwargs):
     with pytest.raises(ValueError):
         VectorQuantizer(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["commitment_weight", "codebook_weight", "decay", "eps", "init_scale",
+                                  "dead_code_threshold"])
+@pytest.mark.parametrize("value", ["0.5", True, torch.tensor(0.5)])
+def test_non_numeric_weights_raise_a_type_error_naming_them(name, value):
+    with pytest.raises(TypeError, match=name):
+        VectorQuantizer(3, 4, **{name: value})
+    VectorQuantizer(3, 4, **{name: np.float32(0.5)})  # numpy scalars are real numbers
+    with pytest.raises(TypeError, match=name):  # wrappers pass it through before any state exists
+        rotvq.ResidualVQ(3, 4, 2, **{name: value})
 
 
 def test_bad_forward_inputs():
